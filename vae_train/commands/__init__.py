@@ -1,0 +1,1 @@
+"""Subcommands of ``vae-train``; each module exposes ``register(subparsers)`` and ``run(args)``."""

@@ -1,0 +1,358 @@
+"""Typed configuration: one section per component, YAML files plus dotted overrides.
+
+A run is described by one :class:`Config`. It is read from a YAML file
+(``configs/*.yaml``), then command-line overrides such as
+``train.max_steps=500 distributed.zero_stage=2`` are applied, and the result is
+validated by pydantic. Every field has a default and a description (shown by
+``vae-train config show --help-keys``), and every rejection names the key, the
+bad value and what is allowed, with a suggestion for a misspelt key.
+
+Why pydantic: it gives typed, documented fields, range checks and readable errors
+for nested models for free; the alternatives (dataclasses + hand-written checks,
+OmegaConf) either duplicate that validation or validate only types.
+
+Sections are owned by the component that reads them (``model`` by
+:mod:`vae_train.model`, ``data`` by :mod:`vae_train.data`, ...); components take
+their own section, not the whole tree, so they stay testable alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vae_train.errors import VaeTrainError
+
+
+class ConfigError(VaeTrainError):
+    """A config file or override that cannot be used as given."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    """The convolutional VAE (LDM-style encoder/decoder) and its likelihood."""
+
+    in_channels: int = Field(1, ge=1, le=16, description="Image channels (1 grayscale, 3 RGB).")
+    image_size: int = Field(28, ge=4, le=4096, description="Height and width of the (square) input images in pixels.")
+    base_channels: int = Field(32, ge=4, description="Channels of the first ResNet stage; later stages multiply it.")
+    channel_mult: list[int] = Field(
+        default_factory=lambda: [1, 2, 2],
+        min_length=1,
+        description="Channel multiplier per resolution; the image is downsampled 2^(len-1) times.",
+    )
+    num_res_blocks: int = Field(1, ge=1, le=8, description="ResNet blocks per resolution.")
+    latent_channels: int = Field(4, ge=1, description="Channels of the latent map z.")
+    norm_groups: int = Field(8, ge=1, description="GroupNorm groups; must divide every stage's channels.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside ResNet blocks.")
+    likelihood: Literal["bernoulli", "gaussian_fixed", "gaussian_learned", "logistic"] = Field(
+        "bernoulli",
+        description="p(x|z): bernoulli for binary images in [0,1]; gaussian_* for data in [-1,1]; "
+        "logistic = 8-bit discretized logistic for data in [-1,1].",
+    )
+    gaussian_std: float = Field(0.1, gt=0.0, description="Standard deviation of the gaussian_fixed likelihood.")
+    size_mode: Literal["pad", "crop", "error"] = Field(
+        "pad",
+        description="What to do when image_size is not divisible by the downsampling factor: "
+        "pad the input (and crop the output back), crop it, or refuse.",
+    )
+    reparam: Literal["fused", "reference"] = Field(
+        "fused", description="Reparameterization/KL implementation: the fused C++/CUDA op or plain PyTorch."
+    )
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> "ModelConfig":
+        for mult in self.channel_mult:
+            if mult < 1:
+                raise ValueError(f"channel_mult entries must be >= 1, got {self.channel_mult}")
+            channels = self.base_channels * mult
+            if channels % self.norm_groups:
+                raise ValueError(
+                    f"norm_groups={self.norm_groups} does not divide stage channels {channels} "
+                    f"(base_channels={self.base_channels} x {mult}); pick norm_groups dividing all of them"
+                )
+        return self
+
+
+class DataConfig(Section):
+    """Where the shards are and how samples become tensors."""
+
+    train: str = Field(
+        "",
+        description="Training source: a directory with index.json (train split), DIR#split, a brace "
+        "pattern of .tar shards, pipe:COMMAND, s3://bucket/prefix or http(s) URL. Several sources "
+        "are separated by ' + '.",
+    )
+    train_weights: list[float] = Field(
+        default_factory=list, description="Mixing weights for several training sources (empty = equal)."
+    )
+    val: str = Field("", description="Validation source (same forms as train; a directory means its val split).")
+    num_workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes per rank.")
+    shuffle_buffer: int = Field(1000, ge=0, description="Samples held for shuffling in each worker (0 = off).")
+    samples_per_epoch: int = Field(
+        0, ge=0, description="Samples per logical epoch over all ranks (0 = the train split's size from index.json)."
+    )
+    binarize: Literal["none", "dynamic", "fixed"] = Field(
+        "dynamic",
+        description="Binarize pixels for a Bernoulli likelihood: a fresh draw per read (dynamic), a "
+        "fixed-seed draw (fixed), or keep intensities (none).",
+    )
+    random_flip: bool = Field(False, description="Random horizontal flips of training images.")
+    random_crop: bool = Field(False, description="Random crops of training images to model.image_size (else centre).")
+    resize: bool = Field(False, description="Resize images whose size differs from model.image_size instead of refusing.")
+    val_batch_size: int = Field(256, ge=1, description="Per-rank batch size of the validation stream.")
+    strict: bool = Field(False, description="Fail on a damaged sample or shard instead of skipping and counting it.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for a batch before declaring the loader stuck.")
+
+
+class TrainConfig(Section):
+    """Batch sizes, step budget and the loop's cadence."""
+
+    max_steps: int = Field(2000, ge=1, description="Optimizer steps to train (the run ends there).")
+    global_batch_size: int = Field(128, ge=1, description="Images per optimizer step over all ranks.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this value (0 = off).")
+    skip_grad_norm: float = Field(
+        0.0, ge=0.0, description="Skip the update (on all ranks) when the gradient norm exceeds this (0 = off)."
+    )
+    max_consecutive_skips: int = Field(
+        10, ge=1, description="Stop the run with an error after this many skipped updates in a row."
+    )
+    val_every: int = Field(500, ge=0, description="Run validation every N steps (0 = only at the end).")
+    val_batches: int = Field(0, ge=0, description="Validation batches per rank (0 = the whole validation split).")
+
+
+class OptimizerConfig(Section):
+    """The torch.optim optimizer and the learning-rate schedule."""
+
+    name: Literal["adamw", "adam"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after warm-up: cosine decay or constant.")
+    warmup_steps: int = Field(100, ge=0, description="Linear LR warm-up steps.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final LR of the cosine decay, as a fraction of lr.")
+    deepspeed_fused: bool = Field(
+        False, description="Use DeepSpeed's FusedAdam (GPU only; compiled at start-up) instead of torch.optim."
+    )
+
+
+class KLConfig(Section):
+    """The KL weight beta(step) and free bits."""
+
+    schedule: Literal["constant", "linear", "sigmoid", "cyclical"] = Field(
+        "linear", description="Shape of beta(step)."
+    )
+    beta: float = Field(1.0, ge=0.0, description="Final (maximum) KL weight.")
+    beta_start: float = Field(0.0, ge=0.0, description="KL weight at step 0 (linear, sigmoid, cyclical).")
+    warmup_steps: int = Field(1000, ge=0, description="Steps to reach beta (linear, sigmoid).")
+    sigmoid_steepness: float = Field(10.0, gt=0.0, description="Steepness of the sigmoid ramp.")
+    cycles: int = Field(4, ge=1, description="Number of cycles over train.max_steps (cyclical).")
+    ramp_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Fraction of each cycle spent ramping up (cyclical).")
+    free_bits: float = Field(0.0, ge=0.0, description="Minimum KL per latent channel in nats (0 = off).")
+
+
+class DistributedConfig(Section):
+    """DeepSpeed ZeRO, precision and process-group settings."""
+
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Process-group backend (auto: nccl on GPU, gloo on CPU).")
+    deepspeed_config: str = Field("", description="Path of a DeepSpeed JSON merged over the generated one.")
+    timeout_s: int = Field(300, ge=10, description="Collective timeout: a dead peer ends the job after this long.")
+
+
+class CheckpointConfig(Section):
+    """When and where checkpoints are written, and how many are kept."""
+
+    every_steps: int = Field(500, ge=0, description="Save every N steps (0 = off).")
+    every_minutes: float = Field(0.0, ge=0.0, description="Also save when this many minutes passed since the last save (0 = off).")
+    keep_last: int = Field(3, ge=1, description="Committed checkpoints kept locally and remotely.")
+    keep_every: int = Field(0, ge=0, description="Also keep every checkpoint whose step is a multiple of this (0 = off).")
+    remote: str = Field("", description="s3://bucket/prefix to sync checkpoints to (empty = local only).")
+    upload_deadline_s: float = Field(600.0, gt=0, description="Seconds to wait for uploads at exit or on a signal.")
+    max_pending_uploads: int = Field(2, ge=1, description="Checkpoints queued for upload before older ones are skipped.")
+
+
+class S3Config(Section):
+    """S3 client settings; credentials come only from the standard AWS chain."""
+
+    endpoint_url: str = Field("", description="Endpoint of an S3-compatible store (empty = AWS_ENDPOINT_URL or AWS).")
+    region: str = Field("", description="Region (empty = the AWS chain's default, else us-east-1).")
+    max_attempts: int = Field(5, ge=1, description="Attempts per request before giving up.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Connect timeout per request.")
+    read_timeout_s: float = Field(60.0, gt=0, description="Read timeout per request.")
+
+
+class LoggingConfig(Section):
+    """TensorBoard and console output (rank 0 only)."""
+
+    every_steps: int = Field(10, ge=1, description="Log scalars every N steps.")
+    image_every: int = Field(200, ge=0, description="Log image grids every N steps (0 = only at the end).")
+    histogram_every: int = Field(200, ge=0, description="Log per-channel KL histograms every N steps (0 = off).")
+    progress_bar: bool = Field(True, description="Show a progress bar on the console.")
+    active_unit_threshold: float = Field(
+        0.01, ge=0.0, description="A latent channel is active when its KL (nats) exceeds this."
+    )
+
+
+class EvalConfig(Section):
+    """Evaluation defaults used by training validation and `vae-train eval`."""
+
+    iw_samples: int = Field(0, ge=0, description="Importance samples for IW-NLL during training validation (0 = off).")
+
+
+class Config(Section):
+    """The whole run."""
+
+    run_dir: str = Field("runs/default", description="Where logs, checkpoints and the resolved config go.")
+    seed: int = Field(0, ge=0, description="Seed of every random stream (model init, data order, noise).")
+    resume: str = Field(
+        "auto",
+        description="auto (newest committed checkpoint, remote first, else local, else fresh), none, "
+        "a local checkpoint path or s3://.../step-NNNNNNNN.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and LR schedule.")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL weight schedule and free bits.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Distributed training.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 client.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, loadable again with :func:`load_config`."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config (it holds no credentials: those never enter the config)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``a.b.c``, creating dicts on the way."""
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are read as YAML scalars (so 3, 1e-3, true, [1,2] work)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (for example train.max_steps=100)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML ({exc})") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a model tree, for suggestions."""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, dotted + "."))
+    return keys
+
+
+def _lookup(tree: Any, loc: tuple[Any, ...]) -> Any:
+    """The raw value at ``loc`` in the unvalidated tree, or a marker when absent."""
+    node = tree
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return "<missing>"
+    return node
+
+
+def _format_validation_error(exc: ValidationError, raw: dict[str, Any], source: str) -> str:
+    """One line per problem: the dotted key, the bad value, and what is allowed."""
+    known = _known_keys(Config)
+    lines = [f"invalid configuration ({source}):"]
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        dotted = ".".join(str(part) for part in loc)
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  - '{dotted}': unknown key{hint}")
+            continue
+        value = _lookup(raw, loc) if loc else raw
+        message = error["msg"].removeprefix("Value error, ")
+        where = f"'{dotted}'" if dotted else "config"
+        lines.append(f"  - {where} = {value!r}: {message}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a plain dict as a :class:`Config`, with readable errors."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, raw, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when ``path`` is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(loaded).__name__}")
+        raw = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        source += " + overrides"
+    return config_from_dict(raw, source)
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf field: the config reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, dotted + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((dotted, repr(default), field.description or ""))
+    return rows
