@@ -6,4 +6,9 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = [
+    "tests.fixtures.s3",
+    "tests.fixtures.data",
+    "tests.fixtures.trained_vae",
+    "tests.fixtures.slurm",
+]

@@ -18,6 +18,11 @@ from vae_train.errors import VaeTrainError
 COMMAND_MODULES: tuple[str, ...] = (
     "vae_train.commands.train",
     "vae_train.commands.config",
+    "vae_train.commands.prepare",
+    "vae_train.commands.schedules",
+    "vae_train.commands.evaluate",
+    "vae_train.commands.export",
+    "vae_train.commands.build_ops",
 )
 
 

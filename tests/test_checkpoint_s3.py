@@ -1,0 +1,221 @@
+"""Checkpoint sync end to end: real multi-process DeepSpeed (gloo, CPU, ZeRO-2) + real SeaweedFS S3.
+
+Each job is ``tests/ckpt_worker.py`` in its own process group: a tiny ConvVAE
+trained by 1, 2 or 4 ranks, checkpointed by CheckpointManager exactly like the
+trainer does, with faults (SIGKILL mid-save / mid-upload / after a save, S3
+server stopped) injected from the test side.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.ckpt_worker import finish_job, result, run_job, start_job
+from vae_train import checkpoint as ck
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _spec(tmp_path: Path, name: str, **kw) -> dict:
+    spec = {"world": 2, "run_dir": str(tmp_path / name / "run"), "out": str(tmp_path / name / "out"),
+            "steps": 4, "every": 2}
+    spec.update(kw)
+    Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+    return spec
+
+
+def _ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc.stdout
+
+
+def _killed(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == -9, f"expected SIGKILL, got {proc.returncode}:\n{proc.stdout[-4000:]}"
+
+
+def _remote(s3, bucket: str, prefix: str) -> tuple[dict[int, list[str]], set[int]]:
+    from vae_train.storage import S3Store
+
+    return ck.list_remote(S3Store(bucket, prefix, s3.client()))
+
+
+def _assert_equal_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_exact_resume_from_s3_into_empty_run_dir_after_sigkill(s3_server, s3_bucket, tmp_path):
+    env = s3_server.env()
+    remote = f"s3://{s3_bucket}/exact"
+    # The reference: 8 steps uninterrupted (local only).
+    ref = _spec(tmp_path, "ref", steps=8)
+    _ok(run_job(ref, tmp_path, env))
+    # The same run SIGKILLed right after the step-4 checkpoint committed to S3.
+    killed = _spec(tmp_path, "killed", steps=8, remote=remote, keep_last=2, kill_after_save=4)
+    _killed(run_job(killed, tmp_path, env))
+    by_step, committed = _remote(s3_server, s3_bucket, "exact")
+    assert committed == {2, 4}
+    manifest = ck.Manifest.from_json(s3_server.client().get_object(
+        Bucket=s3_bucket, Key="exact/step-00000004/manifest.json")["Body"].read(), "remote")
+    assert manifest.world_size == 2 and manifest.zero_stage == 2 and manifest.step == 4
+    assert sorted(f"step-00000004/{n}" for n in manifest.files) == sorted(k for k in by_step[4] if not k.endswith(ck.MANIFEST))
+    for name, entry in manifest.files.items():  # every listed file is there, verified by its stored hash
+        head = s3_server.client().head_object(Bucket=s3_bucket, Key=f"exact/step-00000004/{name}")
+        assert head["ContentLength"] == entry.size and head["Metadata"]["sha256"] == entry.sha256
+    # Resume on a "new machine": an empty run dir, everything comes from S3.
+    resumed = _spec(tmp_path, "resumed", steps=8, remote=remote, keep_last=2)
+    log = _ok(run_job(resumed, tmp_path, env))
+    res = result(resumed)
+    assert res["resumed_from"] == 4 and res["elastic"] is False and res["uploads_done"]
+    assert "resumed from" in log and "exact" in log
+    _assert_equal_tensors(load_file(Path(ref["out"]) / "final_full.safetensors"),
+                          load_file(Path(resumed["out"]) / "final_full.safetensors"))
+    # Retention: the newest keep_last=2 committed, locally and remotely; nothing uncommitted left behind.
+    _, committed = _remote(s3_server, s3_bucket, "exact")
+    assert committed == {6, 8}
+    local = sorted(p.name for p in (Path(resumed["run_dir"]) / "checkpoints").glob("step-*"))
+    assert local == ["step-00000006", "step-00000008"]
+    hint = s3_server.client().get_object(Bucket=s3_bucket, Key="exact/latest")["Body"].read()
+    assert hint == b"step-00000008"
+
+
+def test_elastic_resume_2_to_1_and_2_to_4(s3_server, s3_bucket, tmp_path):
+    env = s3_server.env()
+    remote = f"s3://{s3_bucket}/elastic"
+    base = _spec(tmp_path, "base", steps=4, every=4, remote=remote, dump_at=4)
+    _ok(run_job(base, tmp_path, env))
+    saved = load_file(Path(base["out"]) / "state_4.safetensors")
+    assert any(k.startswith("exp_avg/") for k in saved)
+    for world in (1, 4):
+        spec = _spec(tmp_path, f"w{world}", world=world, steps=6, every=4, remote=f"{remote}-w{world}",
+                     resume=f"{remote}/step-00000004", dump_after_load=True)
+        log = _ok(run_job(spec, tmp_path, env))
+        res = result(spec)
+        assert res["resumed_from"] == 4 and res["elastic"] is True and res["step"] == 6
+        assert f"world size 2 -> {world}" in log and "elastic resume" in log
+        # Weights and Adam moments restored exactly through the universal checkpoint.
+        _assert_equal_tensors(saved, load_file(Path(spec["out"]) / "after_load.safetensors"))
+
+
+def test_sigkill_mid_save_resumes_previous_committed(tmp_path):
+    spec = _spec(tmp_path, "midsave", steps=6, kill_in_save=4)
+    _killed(run_job(spec, tmp_path))
+    ckpts = Path(spec["run_dir"]) / "checkpoints"
+    assert (ckpts / "step-00000004" / "mp_rank_00_model_states.pt").exists()  # DeepSpeed's files were written
+    assert not (ckpts / "step-00000004" / ck.MANIFEST).exists()  # ... but never committed
+    spec.pop("kill_in_save")
+    _ok(run_job(spec, tmp_path))
+    res = result(spec)
+    assert res["resumed_from"] == 2 and res["step"] == 6
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000006"]
+    assert all((ckpts / n / ck.MANIFEST).exists() for n in ("step-00000004", "step-00000006"))
+
+
+def test_sigkill_mid_upload_keeps_previous_remote_checkpoint(s3_server, s3_bucket, tmp_path):
+    env = s3_server.env()
+    remote = f"s3://{s3_bucket}/midupload"
+    spec = _spec(tmp_path, "mid", steps=6, remote=remote, kill_mid_upload=4)
+    _killed(run_job(spec, tmp_path, env))
+    by_step, committed = _remote(s3_server, s3_bucket, "midupload")
+    assert committed == {2} and 4 in by_step  # step 4 half-uploaded, not committed
+    fresh = _spec(tmp_path, "fresh", steps=6, remote=remote)
+    _ok(run_job(fresh, tmp_path, env))
+    assert result(fresh)["resumed_from"] == 2
+    _, committed = _remote(s3_server, s3_bucket, "midupload")
+    assert committed == {4, 6}
+
+
+def test_tampered_remote_file_is_refused_and_auto_falls_back(s3_server, s3_bucket, tmp_path):
+    env = s3_server.env()
+    remote = f"s3://{s3_bucket}/tamper"
+    _ok(run_job(_spec(tmp_path, "orig", world=1, steps=4, keep_last=3, remote=remote), tmp_path, env))
+    client = s3_server.client()
+    key = "tamper/step-00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    head = client.head_object(Bucket=s3_bucket, Key=key)
+    body = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x01  # one flipped bit, same size, the stored hash metadata kept
+    client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body), Metadata=head["Metadata"])
+    explicit = _spec(tmp_path, "explicit", world=1, steps=4, remote=remote, resume=f"{remote}/step-00000004")
+    proc = run_job(explicit, tmp_path, env)
+    assert proc.returncode != 0 and "corrupted" in proc.stdout and "SHA-256" in proc.stdout
+    auto = _spec(tmp_path, "auto", world=1, steps=4, remote=remote, keep_last=3)
+    log = _ok(run_job(auto, tmp_path, env))
+    assert result(auto)["resumed_from"] == 2
+    assert "refusing remote checkpoint step-00000004" in log
+
+
+def test_s3_down_during_upload_training_continues_then_commits(s3_server, s3_bucket, tmp_path):
+    env = s3_server.env()
+    remote = f"s3://{s3_bucket}/outage"
+    spec = _spec(tmp_path, "outage", steps=8, every=4, remote=remote, outage={"pause_at": 3, "steps_down": 3})
+    out = Path(spec["out"])
+    proc = start_job(spec, tmp_path, env)
+    try:
+        _wait(out / "paused", proc)
+        s3_server.stop()  # the step-4 save happens while S3 is unreachable
+        (out / "server_down").touch()
+        _wait(out / "trained_while_down", proc)  # training went on with the upload pending
+        assert not (out / "result.json").exists()
+    finally:
+        s3_server.start()
+    (out / "server_up").touch()
+    log = _ok(finish_job(proc))
+    res = result(spec)
+    assert res["trained_during_outage"] >= 3 and res["uploads_done"]
+    assert 4 in res["committed_remote"] and 8 in res["committed_remote"]
+    assert "retrying" in log and s3_server.secret_key not in log and s3_server.access_key not in log
+    _, committed = _remote(s3_server, s3_bucket, "outage")
+    assert committed == {4, 8}
+
+
+def _wait(path: Path, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended early:\n{proc.stdout.read()[-4000:]}")
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_export_from_s3_and_load_model_without_deepspeed(s3_server, s3_bucket, tmp_path):
+    env = s3_server.env()
+    remote = f"s3://{s3_bucket}/export"
+    spec = _spec(tmp_path, "exp", steps=2, remote=remote)
+    _ok(run_job(spec, tmp_path, env))
+    weights = Path(spec["out"]) / "final_weights.safetensors"
+    for dtype in ("fp32", "bf16"):
+        out_dir = tmp_path / f"export-{dtype}"
+        cli = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000002",
+                              "--out", str(out_dir), "--dtype", dtype], capture_output=True, text=True,
+                             env={**__import__("os").environ, **env}, timeout=120)
+        assert cli.returncode == 0, cli.stderr[-3000:]
+        meta = json.loads((out_dir / "config.json").read_text())
+        assert meta["dtype"] == dtype and meta["step"] == 2 and meta["model"]["base_channels"] == 8
+        assert {v.dtype for v in load_file(out_dir / "model.safetensors").values()} == \
+            {torch.float32 if dtype == "fp32" else torch.bfloat16}
+        # load_model in a process where importing deepspeed is impossible.
+        check = (
+            "import sys; sys.modules['deepspeed'] = None\n"
+            "import torch, vae_train\nfrom safetensors.torch import load_file\n"
+            f"m = vae_train.load_model({str(out_dir)!r})\n"
+            f"ref = load_file({str(weights)!r}); sd = m.state_dict()\n"
+            f"cast = (lambda t: t) if {dtype!r} == 'fp32' else (lambda t: t.to(torch.bfloat16).float())\n"
+            "assert sorted(sd) == sorted(ref)\n"
+            "assert all(torch.equal(sd[k], cast(ref[k])) for k in ref)\n"
+            "assert not m.training and m.sample(2).shape == (2, 1, 8, 8)\n"
+        )
+        run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+    bad = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000099", "--out",
+                          str(tmp_path / "x")], capture_output=True, text=True,
+                         env={**__import__("os").environ, **env}, timeout=120)
+    assert bad.returncode == 2 and "not a committed checkpoint" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,290 @@
+"""Engine set-up: launcher environments, batch arithmetic, DeepSpeed JSON, option checks, the skip gate.
+
+The pure functions are tested in-process; the bad-input cases also run as real
+processes (plain python and torchrun) to prove they end with our message and
+exit status 2, quickly, instead of a rank waiting for a peer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_train.config import Config, config_from_dict, load_config
+from vae_train.engine import (
+    EngineError,
+    StepGate,
+    apply_launcher_settings,
+    build_deepspeed_config,
+    check_compatibility,
+    detect_launch_env,
+    load_user_deepspeed_config,
+    merge_deepspeed_config,
+    plan_batch,
+    set_cpu_threads,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- launcher environments --------------------------------------------------------------
+
+
+def test_no_launcher_means_one_process() -> None:
+    env = detect_launch_env({})
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (0, 1, 0, "python")
+    assert env.master_port > 0
+
+
+def test_torchrun_environment() -> None:
+    env = detect_launch_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
+    assert (env.master_addr, env.master_port, env.launcher) == ("10.0.0.1", 29500, "torchrun")
+
+
+def test_accelerate_environment_is_recognised() -> None:
+    env = detect_launch_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                             "MASTER_PORT": "1234", "ACCELERATE_USE_DEEPSPEED": "true"})
+    assert env.launcher == "accelerate"
+
+
+@pytest.mark.parametrize(
+    "environ, words",
+    [
+        ({"RANK": "1"}, ["half set", "WORLD_SIZE missing"]),
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "2"}, ["half set", "RANK"]),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, ["MASTER_ADDR", "MASTER_PORT"]),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, ["not inside WORLD_SIZE"]),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, ["RANK='x' is not an integer"]),
+    ],
+)
+def test_half_set_launcher_environment_is_an_error(environ: dict[str, str], words: list[str]) -> None:
+    with pytest.raises(EngineError) as info:
+        detect_launch_env(environ)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_srun_one_task_per_gpu_is_mapped() -> None:
+    env = detect_launch_env({"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+                             "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+                             "SLURM_JOB_ID": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
+    assert (env.master_addr, env.master_port, env.launcher) == ("gpu07", 21234, "slurm")
+
+
+def test_sbatch_shell_without_srun_is_one_process() -> None:
+    # The batch shell of a 2-task allocation has SLURM_NTASKS=2 but only one process runs.
+    env = detect_launch_env({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"})
+    assert env.world_size == 1
+
+
+# -- accelerate launch settings ------------------------------------------------------------
+
+ACCEL = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+         "ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_CONFIG_DS_FIELDS": "zero_stage,mixed_precision"}
+
+
+def test_accelerate_settings_fill_unset_keys() -> None:
+    cfg, notes = apply_launcher_settings(Config(), ACCEL)
+    assert (cfg.distributed.zero_stage, cfg.distributed.precision, notes) == (3, "bf16", [])
+
+
+def test_explicit_config_wins_over_accelerate_with_a_note() -> None:
+    cfg = config_from_dict({"distributed": {"zero_stage": 1}})
+    cfg, notes = apply_launcher_settings(cfg, ACCEL)
+    assert (cfg.distributed.zero_stage, cfg.distributed.precision) == (1, "bf16")
+    assert len(notes) == 1 and "zero_stage=3" in notes[0] and "using 1" in notes[0]
+
+
+def test_without_accelerate_nothing_changes() -> None:
+    cfg = Config()
+    assert apply_launcher_settings(cfg, {"ACCELERATE_MIXED_PRECISION": "bf16"}) == (cfg, [])
+
+
+# -- batch arithmetic --------------------------------------------------------------------------
+
+
+def test_global_batch_splits_into_micro_x_accum_x_world() -> None:
+    plan = plan_batch(128, 2, 4)
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.world_size) == (16, 2, 4)
+    assert plan.micro_batch_size * plan.grad_accum_steps * plan.world_size == plan.global_batch_size
+
+
+def test_global_batch_that_does_not_divide_is_an_error() -> None:
+    with pytest.raises(EngineError, match=r"global_batch_size=100 does not divide into train.grad_accum_steps=3 x 2 ranks = 6; use a multiple of 6 \(e.g. 96 or 102\)"):
+        plan_batch(100, 3, 2)
+
+
+# -- DeepSpeed JSON ------------------------------------------------------------------------------
+
+
+def _ds(cfg: Config) -> dict:
+    return build_deepspeed_config(cfg, plan_batch(cfg.train.global_batch_size, cfg.train.grad_accum_steps, 2))
+
+
+def test_generated_deepspeed_config() -> None:
+    cfg = config_from_dict({"train": {"global_batch_size": 64, "grad_accum_steps": 2},
+                            "distributed": {"zero_stage": 3, "precision": "bf16"}})
+    ds = _ds(cfg)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.0  # the StepGate clips after its skip decision
+    fp16 = _ds(config_from_dict({"distributed": {"precision": "fp16"}}))["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2_overlap.json", 2), ("deepspeed_zero3_offload.json", 3)])
+def test_shipped_templates_merge(name: str, stage: int) -> None:
+    cfg = config_from_dict({"distributed": {"zero_stage": stage}})
+    merged = merge_deepspeed_config(_ds(cfg), load_user_deepspeed_config(str(ROOT / "launch" / name)), name)
+    assert merged["zero_optimization"]["stage"] == stage
+    assert merged["train_batch_size"] == cfg.train.global_batch_size  # "auto" filled from the config
+    assert merged["zero_optimization"]["overlap_comm"] is True
+
+
+@pytest.mark.parametrize(
+    "user, stage, match",
+    [
+        ({"zero_optimization": {"stage": 3}}, 2, r"zero_optimization.stage=3 but the config gives 2 \(from distributed.zero_stage\)"),
+        ({"train_batch_size": 7}, 2, r"train_batch_size=7 .* train.global_batch_size"),
+        ({"optimizer": {"type": "Adam"}}, 2, r"'optimizer'.*optimizer.deepspeed_fused"),
+        ({"gradient_clipping": 1.0}, 2, r"train.grad_clip"),
+        ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, 2, r"offload_param needs ZeRO stage 3"),
+        ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, 0, r"offload_optimizer needs ZeRO stage 1-3"),
+    ],
+)
+def test_user_json_conflicts_are_errors(user: dict, stage: int, match: str) -> None:
+    cfg = config_from_dict({"distributed": {"zero_stage": stage}})
+    with pytest.raises(EngineError, match=match):
+        merge_deepspeed_config(_ds(cfg), user, "user.json")
+
+
+def test_missing_or_broken_user_json(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="does not exist"):
+        load_user_deepspeed_config(str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(EngineError, match="not valid JSON"):
+        load_user_deepspeed_config(str(tmp_path / "bad.json"))
+
+
+# -- device checks --------------------------------------------------------------------------------
+
+
+def test_fp16_and_fused_adam_need_a_gpu() -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(EngineError, match="fp16 needs a GPU.*bf16 or fp32"):
+        check_compatibility(config_from_dict({"distributed": {"precision": "fp16"}}), cpu)
+    with pytest.raises(EngineError, match="deepspeed_fused=true .* needs a GPU"):
+        check_compatibility(config_from_dict({"optimizer": {"deepspeed_fused": True}}), cpu)
+    check_compatibility(config_from_dict({"distributed": {"precision": "bf16"}}), cpu)
+
+
+def test_cpu_threads_are_shared_between_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = detect_launch_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        threads = set_cpu_threads(env, torch.device("cpu"))
+        assert threads == max(1, len(os.sched_getaffinity(0)) // 2) == int(os.environ["OMP_NUM_THREADS"])
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+        assert set_cpu_threads(env, torch.device("cpu")) == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the skip gate (one process: the all-reduce is the identity) --------------------------------
+
+
+def _optimizer_with_grads(grads: list[list[float]]) -> torch.optim.Optimizer:
+    params = [torch.nn.Parameter(torch.zeros(len(g))) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = torch.tensor(g)
+    return torch.optim.SGD(params, lr=1.0)
+
+
+def test_gate_accepts_and_clips_with_the_unclipped_norm() -> None:
+    gate = StepGate(clip=1.0, skip_above=0.0, device=torch.device("cpu"), model_numel=3)
+    opt = _optimizer_with_grads([[3.0, 0.0], [4.0]])
+    gate.arm(loss_is_finite=True)
+    assert gate(opt) is True
+    assert gate.decision.grad_norm == pytest.approx(5.0)
+    clipped = torch.cat([p.grad for p in opt.param_groups[0]["params"]])
+    assert torch.linalg.vector_norm(clipped).item() == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "grads, finite, skip_above, reason",
+    [
+        ([[1.0]], False, 0.0, "non-finite loss on 1 rank(s)"),
+        ([[float("inf")]], True, 0.0, "non-finite gradient norm"),
+        ([[float("nan")]], True, 0.0, "non-finite gradient norm"),
+        ([[30.0, 40.0]], True, 10.0, "gradient norm 50 > train.skip_grad_norm=10"),
+    ],
+)
+def test_gate_skips(grads: list[list[float]], finite: bool, skip_above: float, reason: str) -> None:
+    gate = StepGate(clip=0.0, skip_above=skip_above, device=torch.device("cpu"), model_numel=99)
+    opt = _optimizer_with_grads(grads)
+    gate.arm(loss_is_finite=finite)
+    assert gate(opt) is False
+    assert gate.decision.reason == reason
+
+
+def test_gated_optimizer_does_not_move_on_a_skip() -> None:
+    from vae_train.engine import build_optimizer
+
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer([param], Config())
+    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), model_numel=3)
+    opt.step_gate = gate
+    param.grad = torch.full((3,), float("nan"))
+    gate.arm(loss_is_finite=True)
+    opt.step()
+    assert torch.equal(param.detach(), torch.ones(3)) and not opt.state  # weights and Adam state untouched
+    param.grad = torch.ones(3)
+    gate.arm(loss_is_finite=True)
+    opt.step()
+    assert not torch.equal(param.detach(), torch.ones(3))
+
+
+# -- bad input end to end: our message, exit 2, no hang --------------------------------------------
+
+
+def _run(cmd: list[str], env_extra: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_extra)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_half_set_environment_fails_fast_in_a_real_process(tmp_path: Path) -> None:
+    result = _run([PYTHON, "train.py", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}"], {"RANK": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "launcher environment is half set" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fp16_on_cpu_fails_fast_in_a_real_process(tmp_path: Path) -> None:
+    result = _run([PYTHON, "train.py", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}",
+                   "distributed.precision=fp16"], {})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "fp16 needs a GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_global_batch_not_dividing_stops_both_torchrun_ranks(tmp_path: Path) -> None:
+    result = _run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                   "train.py", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.global_batch_size=15"], {})
+    assert result.returncode != 0
+    assert result.stderr.count("global_batch_size=15 does not divide") == 2, result.stderr[-3000:]
+    assert "vae_train/engine.py" not in result.stderr  # torchrun reports the failure; the ranks print no traceback

@@ -1,0 +1,321 @@
+"""The fused reparameterization + KL op against its plain-PyTorch definition.
+
+The extension is built once per user (cached in ~/.cache/vae_train/ops); the
+first run of this file pays ~15-60 s for it, later runs only load it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_train import ops
+from vae_train.ops import ReparamInputError, reparam_kl, reparam_kl_reference, soft_clamp_logvar
+from vae_train.ops import reference
+
+pytestmark = pytest.mark.timeout(300)
+
+CSRC = Path(ops.__file__).parent / "csrc"
+# Odd sizes on purpose: planes that straddle the 64-element noise blocks, 1-D and
+# 2-D latents (one element per plane), and a 5-D one.
+SHAPES = [(3, 4, 5, 7), (2, 3, 64), (5, 130), (7,), (2, 1, 3, 5, 2), (1, 2, 33, 1)]
+# Stated tolerances for the reduced-precision outputs z, dmu, dlogvar (relative
+# to each tensor's max magnitude): one ulp of the format, twice.
+REDUCED_RTOL = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fused_backend() -> str:
+    """Build/load the extension once for this module; every test here needs it."""
+    name = ops.backend()
+    assert name == "cpu-fused", f"the fused op did not build on this machine (backend {name!r})"
+    return name
+
+
+def _inputs(shape, dtype=torch.float32, seed=0, logvar_scale=3.0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    mu = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    # Spread logvar over the linear range and both knees of the soft clamp.
+    logvar = (torch.randn(shape, generator=g, dtype=torch.float64) * logvar_scale - 2).to(dtype)
+    eps = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return mu.requires_grad_(requires_grad), logvar.requires_grad_(requires_grad), eps
+
+
+def _loss_grads(shape, batch, channels, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (
+        torch.randn(shape, generator=g, dtype=torch.float64).to(dtype),
+        torch.randn(batch, generator=g, dtype=torch.float64).to(acc),
+        torch.randn(batch, channels, generator=g, dtype=torch.float64).to(acc),
+    )
+
+
+def _run(fn, mu, logvar, eps, grads):
+    outs = fn(mu, logvar, eps, return_per_channel=True)
+    dmu, dlogvar = torch.autograd.grad(outs, (mu, logvar), grads)
+    return [o.detach() for o in outs] + [dmu, dlogvar]
+
+
+def _channels(shape):
+    return shape[1] if len(shape) > 1 else 1
+
+
+def test_clamp_constants_match_the_header():
+    header = (CSRC / "reparam_kl_math.h").read_text()
+    found = {m[0]: float(m[1]) for m in re.findall(r"constexpr float (k\w+) = ([-\d.]+)f;", header)}
+    assert found == {
+        "kLogvarMin": reference.LOGVAR_MIN,
+        "kLogvarLinearMin": reference.LOGVAR_LINEAR_MIN,
+        "kLogvarLinearMax": reference.LOGVAR_LINEAR_MAX,
+        "kLogvarMax": reference.LOGVAR_MAX,
+    }
+
+
+def test_soft_clamp_is_identity_inside_and_smooth_bounded_outside():
+    x = torch.linspace(-60, 60, 24001, dtype=torch.float64, requires_grad=True)
+    y = soft_clamp_logvar(x)
+    (slope,) = torch.autograd.grad(y.sum(), x)
+    inside = (x >= reference.LOGVAR_LINEAR_MIN) & (x <= reference.LOGVAR_LINEAR_MAX)
+    assert torch.equal(y[inside], x[inside])
+    assert y.min() > reference.LOGVAR_MIN and y.max() < reference.LOGVAR_MAX
+    assert (slope > 0).all() and (slope <= 1).all()  # never a dead gradient
+    assert (y[1:] > y[:-1]).all()
+    # Value and slope continuous at the knees: no jump between neighbours.
+    assert (slope[1:] - slope[:-1]).abs().max() < 1e-2
+    assert math.exp(reference.LOGVAR_MAX) < torch.finfo(torch.float16).max / 2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_forward_and_backward_equal_the_reference(shape):
+    mu, logvar, eps = _inputs(shape)
+    grads = _loss_grads(shape, shape[0], _channels(shape), torch.float32)
+    fused = _run(reparam_kl, mu, logvar, eps, grads)
+    ref = _run(reparam_kl_reference, mu, logvar, eps, grads)
+    for name, a, b in zip(("z", "kl", "kl_per_channel", "dmu", "dlogvar"), fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert fused[1].dtype == torch.float32 and fused[1].shape == (shape[0],)
+    assert fused[2].shape == (shape[0], _channels(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_equals_the_reference_within_stated_tolerance(dtype):
+    shape = (4, 6, 9, 11)
+    mu, logvar, eps = _inputs(shape, dtype)
+    grads = _loss_grads(shape, 4, 6, dtype)
+    fused = _run(reparam_kl, mu, logvar, eps, grads)
+    ref = _run(reparam_kl_reference, mu, logvar, eps, grads)
+    rtol = REDUCED_RTOL[dtype]
+    for name, a, b in zip(("z", "kl", "kl_per_channel", "dmu", "dlogvar"), fused, ref):
+        assert a.dtype == b.dtype, name
+        if a.dtype == torch.float32:  # the KL is accumulated in float32 in both
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4, msg=name)
+        else:
+            scale = b.float().abs().max()
+            assert (a.float() - b.float()).abs().max() <= rtol * scale, name
+
+
+def test_gradcheck_float64_with_given_eps_and_with_generated_noise():
+    mu, logvar, eps = _inputs((2, 3, 5), torch.float64)
+
+    def with_eps(m, lv):
+        return reparam_kl(m, lv, eps, return_per_channel=True)
+
+    def with_seed(m, lv):  # the same noise every call: a fresh generator, same seed
+        return reparam_kl(m, lv, generator=torch.Generator().manual_seed(7), return_per_channel=True)
+
+    assert torch.autograd.gradcheck(with_eps, (mu, logvar))
+    assert torch.autograd.gradcheck(with_seed, (mu, logvar))
+    grads = _loss_grads((2, 3, 5), 2, 3, torch.float64)
+    for a, b in zip(_run(reparam_kl, mu, logvar, eps, grads), _run(reparam_kl_reference, mu, logvar, eps, grads)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_generated_noise_is_regenerated_exactly_in_backward():
+    """With eps=None the backward recomputes eps from the seed; recover eps from z
+    and check the gradients equal the reference's for that eps."""
+    shape = (3, 4, 6, 6)
+    mu, logvar, _ = _inputs(shape, torch.float64)
+    grads = _loss_grads(shape, 3, 4, torch.float64)
+    g = torch.Generator().manual_seed(3)
+    outs = reparam_kl(mu, logvar, generator=g, return_per_channel=True)
+    dmu, dlogvar = torch.autograd.grad(outs, (mu, logvar), grads)
+    eps = (outs[0] - mu) / torch.exp(0.5 * soft_clamp_logvar(logvar))
+    ref = _run(reparam_kl_reference, mu, logvar, eps.detach(), grads)
+    torch.testing.assert_close(dmu, ref[3], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dlogvar, ref[4], rtol=1e-9, atol=1e-9)
+
+
+def test_free_bits_mask_reaches_the_backward_through_per_channel_kl():
+    shape = (8, 5, 4, 4)
+    mu, logvar, eps = _inputs(shape, logvar_scale=0.5)
+    results = []
+    for fn in (reparam_kl, reparam_kl_reference):
+        z, kl, kl_c = fn(mu, logvar, eps, return_per_channel=True)
+        free_bits = kl_c.mean(0).median()  # half the channels sit under the floor
+        loss = z.square().mean() + kl.mean() + torch.clamp(kl_c.mean(0), min=free_bits).sum()
+        results.append(torch.autograd.grad(loss, (mu, logvar)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_per_channel_kl_sums_to_kl_and_matches_reference():
+    mu, logvar, eps = _inputs((6, 3, 7, 5), requires_grad=False)
+    _, kl, kl_c = reparam_kl(mu, logvar, eps, return_per_channel=True)
+    _, _, ref_c = reparam_kl_reference(mu, logvar, eps, return_per_channel=True)
+    torch.testing.assert_close(kl_c, ref_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, kl_c.sum(1), rtol=1e-6, atol=1e-5)
+    exact = 0.5 * (mu.double() ** 2 + soft_clamp_logvar(logvar.double()).exp() - 1 - soft_clamp_logvar(logvar.double()))
+    torch.testing.assert_close(kl_c.double(), exact.sum((2, 3)), rtol=1e-5, atol=1e-4)
+
+
+def test_fixed_generator_gives_identical_samples_and_advances():
+    mu, logvar, _ = _inputs((4, 3, 8, 8), requires_grad=False)
+    z1, _ = reparam_kl(mu, logvar, generator=torch.Generator().manual_seed(11))
+    z2, _ = reparam_kl(mu, logvar, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(z1, z2)
+    g = torch.Generator().manual_seed(11)
+    first, _ = reparam_kl(mu, logvar, generator=g)
+    second, _ = reparam_kl(mu, logvar, generator=g)
+    assert torch.equal(first, z1) and not torch.equal(first, second)
+    torch.manual_seed(5)
+    z3, _ = reparam_kl(mu, logvar)
+    torch.manual_seed(5)
+    z4, _ = reparam_kl(mu, logvar)
+    assert torch.equal(z3, z4)
+
+
+def test_noise_depends_only_on_the_flat_index_whatever_the_layout():
+    """Planes of one element take the scalar per-element path (the CUDA kernel's),
+    long planes the vectorized 64-element blocks: both must draw the same eps."""
+    n = 64 * 9 + 13
+    mu = torch.zeros(n)
+    logvar = torch.zeros(n)
+    samples = []
+    for shape in [(n,), (1, 1, n), (n, 1), (1, n, 1)]:
+        z, _ = reparam_kl(mu.view(shape), logvar.view(shape), generator=torch.Generator().manual_seed(2))
+        samples.append(z.reshape(n))
+    for z in samples[1:]:
+        assert torch.equal(z, samples[0])
+
+
+def test_generated_noise_is_standard_normal():
+    n = 1 << 20
+    z, _ = reparam_kl(torch.zeros(16, 64, n // 1024), torch.zeros(16, 64, n // 1024),
+                      generator=torch.Generator().manual_seed(0))
+    eps = z.double().flatten()
+    assert abs(eps.mean()) < 5 / math.sqrt(n)
+    assert abs(eps.std() - 1) < 5e-3
+    assert abs(((eps - eps.mean()) ** 4).mean() / eps.var() ** 2 - 3) < 0.03  # kurtosis
+    # Kolmogorov-Smirnov distance to the normal CDF (critical value at 1e-6 ~ 2.7e-3).
+    sorted_eps = eps.sort().values
+    cdf = 0.5 * (1 + torch.erf(sorted_eps / math.sqrt(2)))
+    ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max()
+    assert ks < 2.7e-3
+    for lag in (1, 16, 32, 64):  # neighbours, Philox lanes, Box-Muller pairs, blocks
+        corr = torch.corrcoef(torch.stack([eps[:-lag], eps[lag:]]))[0, 1]
+        assert abs(corr) < 5 / math.sqrt(n), lag
+
+
+def test_non_contiguous_inputs_give_the_contiguous_result():
+    mu, logvar, eps = _inputs((6, 5, 4, 3), requires_grad=False)
+    views = [t.transpose(1, 3) for t in (mu, logvar, eps)]
+    assert not views[0].is_contiguous()
+    got = reparam_kl(*views, return_per_channel=True)
+    want = reparam_kl(*(v.contiguous() for v in views), return_per_channel=True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    strided = [t[::2, :, 1:] for t in (mu, logvar, eps)]
+    for a, b in zip(reparam_kl(*strided), reparam_kl_reference(*strided)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    mu = torch.zeros(0, 4, 3, 3, requires_grad=True)
+    logvar = torch.zeros(0, 4, 3, 3, requires_grad=True)
+    z, kl, kl_c = reparam_kl(mu, logvar, return_per_channel=True)
+    assert z.shape == mu.shape and kl.shape == (0,) and kl_c.shape == (0, 4)
+    (z.sum() + kl.sum()).backward()
+    assert mu.grad.shape == mu.shape and logvar.grad.shape == logvar.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_extreme_logvar_and_mu_stay_finite(dtype):
+    mu = torch.tensor([[1e4, -1e4, 0.0, 1e4], [0.5, 1e4, -1e4, 0.0]], dtype=dtype).view(2, 2, 2)
+    logvar = torch.tensor([[40.0, -40.0, 40.0, -40.0], [0.0, 40.0, -40.0, 12.0]], dtype=dtype).view(2, 2, 2)
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    for fn in (reparam_kl, reparam_kl_reference):
+        z, kl, kl_c = fn(mu, logvar, generator=torch.Generator().manual_seed(0), return_per_channel=True)
+        assert torch.isfinite(z).all() and torch.isfinite(kl).all() and torch.isfinite(kl_c).all()
+        dmu, dlogvar = torch.autograd.grad(z.sum() + kl.sum() + kl_c.sum(), (mu, logvar))
+        assert torch.isfinite(dmu).all() and torch.isfinite(dlogvar).all()
+
+
+def _saved_bytes(fn) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_saves_at_most_half_the_bytes_of_the_textbook_code():
+    mu, logvar, _ = _inputs((8, 4, 16, 16))
+
+    def textbook():
+        std = torch.exp(0.5 * logvar)
+        z = mu + std * torch.randn_like(std)
+        return z, -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=(1, 2, 3))
+
+    fused = _saved_bytes(lambda: reparam_kl(mu, logvar))
+    assert fused == mu.numel() * 4 * 2  # mu and logvar
+    assert fused <= _saved_bytes(textbook) / 2
+
+
+def test_custom_op_registration_passes_opcheck():
+    mu, logvar, eps = _inputs((2, 3, 4))
+    seed = torch.tensor(99)
+    fwd = torch.ops.vae_train_ops.reparam_kl_fwd.default
+    torch.library.opcheck(fwd, (mu, logvar, None, seed))
+    torch.library.opcheck(fwd, (mu, logvar, eps, seed))
+
+
+def test_reference_switch_and_input_errors():
+    mu, logvar, eps = _inputs((2, 3, 4), requires_grad=False)
+    for a, b in zip(reparam_kl(mu, logvar, eps, impl="reference"), reparam_kl_reference(mu, logvar, eps)):
+        assert torch.equal(a, b)
+    bad = [
+        (lambda: reparam_kl(mu, logvar[:1]), "logvar"),
+        (lambda: reparam_kl(mu, logvar.double()), "logvar"),
+        (lambda: reparam_kl(mu, logvar, eps[:, :2]), "eps"),
+        (lambda: reparam_kl(mu.long(), logvar.long()), "dtype"),
+        (lambda: reparam_kl(mu[0, 0, 0], logvar[0, 0, 0]), "batch"),
+        (lambda: reparam_kl(mu, logvar, impl="triton"), "impl"),
+    ]
+    for call, word in bad:
+        with pytest.raises(ReparamInputError, match=word):
+            call()
+
+
+def test_torch_compile_fullgraph_treats_the_op_as_opaque():
+    mu, logvar, eps = _inputs((2, 3, 4, 4))
+
+    def loss(m, lv, e):
+        z, kl, kl_c = reparam_kl(m, lv, e, return_per_channel=True)
+        return z.square().mean() + kl.mean() + kl_c.mean(0).clamp(min=1.0).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(mu, logvar, eps), (mu, logvar))
+    want = torch.autograd.grad(loss(mu, logvar, eps), (mu, logvar))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

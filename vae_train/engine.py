@@ -1,0 +1,695 @@
+"""DeepSpeed set-up from the typed config, for every launcher, plus the coordinated step skip.
+
+One code path serves ``accelerate launch``, ``torchrun``, ``deepspeed``, ``srun``
+(one task per GPU) and plain ``python``: the launcher only decides *how many*
+processes run and writes the standard environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); this module reads it, starts
+the process group itself, generates the DeepSpeed JSON from the config and calls
+``deepspeed.initialize`` with a ``torch.optim`` optimizer.
+
+Why not Accelerate's ``Accelerator``/DeepSpeed plugin objects: on CPU they fail
+as shipped (accelerate 1.15 looks up the ``transformers`` version, and leaves the
+backend unset so each rank believes it is alone; DESIGN.md section 2). The
+settings an ``accelerate launch --config_file`` carries (ZeRO stage, mixed
+precision, a DeepSpeed JSON) arrive as ``ACCELERATE_*`` environment variables
+and are honoured here (:func:`apply_launcher_settings`), so users keep their
+accelerate configs and the gotchas never reach them.
+
+Usage::
+
+    engine = setup_engine(cfg, model)          # every rank
+    for micro_batch in ...:
+        loss = ...engine.module(x)...
+        engine.backward(loss)
+    result = engine.step(global_step, loss_is_finite)   # all ranks skip together
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import socket
+import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from vae_train.config import Config
+from vae_train.errors import VaeTrainError
+from vae_train.schedules import build_lr_schedule
+
+log = logging.getLogger(__name__)
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class EngineError(VaeTrainError):
+    """The distributed set-up cannot work as configured (raised before any rank waits for a peer)."""
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # accelerate | deepspeed | torchrun | slurm | python
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_env(environ: dict[str, str], name: str) -> int:
+    raw = environ[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise EngineError(f"environment variable {name}={raw!r} is not an integer; fix or unset it") from None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[01-04,07],cpu1`` (no ``scontrol`` needed)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise EngineError(f"cannot read the SLURM node list {nodelist!r}; export MASTER_ADDR")
+    prefix, ranges = match.group(1), match.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def detect_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Read the launcher's environment; a half-set one is an error, not a hang.
+
+    torchrun, ``accelerate launch`` and ``deepspeed`` all export ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. ``srun``
+    with one task per GPU exports only ``SLURM_*`` (mapped here). Nothing set
+    means one process on its own.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    present = [name for name in LAUNCH_VARS if name in environ]
+    if present:
+        needed = ["RANK", "WORLD_SIZE"]
+        missing = [name for name in needed if name not in environ]
+        if missing:
+            raise EngineError(
+                f"the launcher environment is half set: {', '.join(present)} present but "
+                f"{', '.join(missing)} missing. Start the job with torchrun / accelerate launch / "
+                "deepspeed (which set all of them), or unset RANK/WORLD_SIZE/LOCAL_RANK to run one process"
+            )
+        rank, world = _int_env(environ, "RANK"), _int_env(environ, "WORLD_SIZE")
+        if world < 1 or not 0 <= rank < world:
+            raise EngineError(f"RANK={rank} is not inside WORLD_SIZE={world}; check the launcher's environment")
+        if world > 1:
+            missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in environ]
+            if missing:
+                raise EngineError(
+                    f"WORLD_SIZE={world} but {', '.join(missing)} is not set, so the ranks cannot find "
+                    "each other; use a launcher (torchrun, accelerate launch) or export both"
+                )
+        local_rank = _int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+        local_world = _int_env(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world
+        if environ.get("ACCELERATE_USE_DEEPSPEED") or environ.get("ACCELERATE_MIXED_PRECISION"):
+            launcher = "accelerate"
+        elif "TORCHELASTIC_RUN_ID" in environ:
+            launcher = "torchrun"
+        elif "CROSS_RANK" in environ or "DS_ACCELERATOR_LAUNCH" in environ or "PDSH_RCMD_TYPE" in environ:
+            launcher = "deepspeed"
+        else:
+            launcher = "env"
+        return LaunchEnv(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            local_world_size=local_world,
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port(),
+            launcher=launcher,
+        )
+    if "SLURM_STEP_NUM_TASKS" in environ and int(environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        # srun started one task per GPU: the SLURM step is the launcher.
+        world = _int_env(environ, "SLURM_STEP_NUM_TASKS")
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        job_id = int(environ.get("SLURM_JOB_ID", "0") or 0)
+        tasks_per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", str(world)).split("(")[0].split(",")[0]
+        return LaunchEnv(
+            rank=_int_env(environ, "SLURM_PROCID"),
+            world_size=world,
+            local_rank=_int_env(environ, "SLURM_LOCALID"),
+            local_world_size=int(tasks_per_node) if tasks_per_node.isdigit() else 1,
+            master_addr=_first_slurm_host(nodelist),
+            master_port=int(environ.get("MASTER_PORT", 20000 + job_id % 20000)),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "python")
+
+
+# ------------------------------------------------------------------ accelerate launch
+
+
+def apply_launcher_settings(cfg: Config, environ: dict[str, str] | None = None) -> tuple[Config, list[str]]:
+    """Fold the DeepSpeed settings of an ``accelerate launch --config_file`` into the config.
+
+    ``accelerate launch`` passes its YAML's DeepSpeed fields as ``ACCELERATE_*``
+    variables. They fill every ``distributed`` key the experiment config left at
+    its default; a key the config sets explicitly wins (the experiment file and
+    command-line overrides are the user's most specific statement), with a note
+    saying so. Returns the effective config and human-readable notes.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return cfg, []
+    from_launcher: dict[str, Any] = {}
+    if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in environ:
+        from_launcher["zero_stage"] = int(environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    fields = environ.get("ACCELERATE_CONFIG_DS_FIELDS", "")
+    mixed = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if "mixed_precision" in fields.split(",") or mixed != "no":
+        precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(mixed)
+        if precision is None:
+            raise EngineError(f"accelerate mixed_precision={mixed!r} is not supported; use no, bf16 or fp16")
+        from_launcher["precision"] = precision
+    if environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        from_launcher["deepspeed_config"] = environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    notes, update = [], {}
+    explicit = cfg.distributed.model_fields_set
+    for key, value in from_launcher.items():
+        current = getattr(cfg.distributed, key)
+        if key in explicit:
+            if current != value:
+                notes.append(
+                    f"accelerate config asks for distributed.{key}={value!r} but the experiment config sets "
+                    f"{current!r}: using {current!r} (make them agree to silence this)"
+                )
+        else:
+            update[key] = value
+    if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in environ:
+        accum = int(environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"])
+        if accum != cfg.train.grad_accum_steps:
+            notes.append(
+                f"accelerate gradient_accumulation_steps={accum} is ignored: accumulation comes from "
+                f"train.grad_accum_steps={cfg.train.grad_accum_steps}"
+            )
+    if not update:
+        return cfg, notes
+    new_cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update=update)})
+    return new_cfg, notes
+
+
+# ------------------------------------------------------------------ batch arithmetic
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """global batch = micro batch x accumulation steps x world size, exactly."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+
+
+def plan_batch(global_batch_size: int, grad_accum_steps: int, world_size: int) -> BatchPlan:
+    """Split the global batch over ranks and accumulation steps, or say how to fix it."""
+    per_step = grad_accum_steps * world_size
+    if global_batch_size % per_step:
+        lower = max(per_step, global_batch_size // per_step * per_step)
+        raise EngineError(
+            f"train.global_batch_size={global_batch_size} does not divide into train.grad_accum_steps="
+            f"{grad_accum_steps} x {world_size} ranks = {per_step}; use a multiple of {per_step} "
+            f"(e.g. {lower} or {lower + per_step}) or change the accumulation steps"
+        )
+    return BatchPlan(global_batch_size, global_batch_size // per_step, grad_accum_steps, world_size)
+
+
+# ------------------------------------------------------------------ device and checks
+
+
+def choose_device(env: LaunchEnv, backend_setting: str) -> tuple[torch.device, str]:
+    """(device, backend): the rank's GPU with nccl, else the CPU with gloo."""
+    cuda = torch.cuda.is_available()
+    backend = backend_setting if backend_setting != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise EngineError("distributed.backend=nccl needs GPUs but none is visible; use distributed.backend=auto or gloo")
+    if cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise EngineError(
+                f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                "start at most one process per GPU"
+            )
+        return torch.device("cuda", env.local_rank), backend
+    return torch.device("cpu"), backend
+
+
+def check_compatibility(cfg: Config, device: torch.device) -> None:
+    """Refuse option combinations that cannot work, before any collective starts."""
+    dist_cfg = cfg.distributed
+    if dist_cfg.precision == "fp16" and device.type != "cuda":
+        raise EngineError(
+            "distributed.precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling and kernels do not run on "
+            "the CPU); use distributed.precision=bf16 or fp32 on this machine"
+        )
+    if dist_cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EngineError("this GPU cannot do bf16; use distributed.precision=fp16 or fp32")
+    if cfg.optimizer.deepspeed_fused and device.type != "cuda":
+        raise EngineError(
+            "optimizer.deepspeed_fused=true builds DeepSpeed's CUDA FusedAdam, which needs a GPU; "
+            "set optimizer.deepspeed_fused=false (torch.optim is used on the CPU)"
+        )
+
+
+# ------------------------------------------------------------------ DeepSpeed config
+
+# Keys the typed config decides; a user JSON may repeat them only with the same value.
+_OWNED_KEYS = (
+    ("train_batch_size",),
+    ("train_micro_batch_size_per_gpu",),
+    ("gradient_accumulation_steps",),
+    ("zero_optimization", "stage"),
+    ("bf16", "enabled"),
+    ("fp16", "enabled"),
+)
+_OWNED_HINTS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.global_batch_size / grad_accum_steps / world size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "zero_optimization.stage": "distributed.zero_stage",
+    "bf16.enabled": "distributed.precision",
+    "fp16.enabled": "distributed.precision",
+}
+
+
+def build_deepspeed_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, derived from the typed config alone.
+
+    ``gradient_clipping`` is 0 because :class:`StepGate` clips after deciding
+    whether to skip (it needs the unclipped norm); ``zero_allow_untested_optimizer``
+    admits the gated ``torch.optim`` subclasses.
+    """
+    precision = cfg.distributed.precision
+    return {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,  # 0 = dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _get_path(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def merge_deepspeed_config(generated: dict[str, Any], user: dict[str, Any], source: str) -> dict[str, Any]:
+    """Merge a user DeepSpeed JSON over the generated one; conflicts on owned keys are errors.
+
+    The user JSON may add anything DeepSpeed knows (offload, bucket sizes,
+    communication dtype...). Keys the typed config owns may only repeat its
+    values (or say ``"auto"``); the optimizer, scheduler and clipping are built
+    by the trainer and cannot come from the JSON.
+    """
+    for key, hint in (("optimizer", "the optimizer section (optimizer.deepspeed_fused for FusedAdam)"),
+                      ("scheduler", "optimizer.schedule / warmup_steps"),
+                      ("gradient_clipping", "train.grad_clip")):
+        if key in user:
+            raise EngineError(f"{source} sets {key!r}; the trainer builds it from {hint}: remove it from the JSON")
+    for path in _OWNED_KEYS:
+        theirs = _get_path(user, path)
+        ours = _get_path(generated, path)
+        dotted = ".".join(path)
+        if theirs is not None and theirs != "auto" and theirs != ours:
+            raise EngineError(
+                f"{source} sets {dotted}={theirs!r} but the config gives {ours!r} (from {_OWNED_HINTS[dotted]}); "
+                "remove it from the JSON or change the config so they agree"
+            )
+    cleaned = copy.deepcopy(user)
+    for path in _OWNED_KEYS:
+        node = cleaned
+        for part in path[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(path[-1]) == "auto":
+            del node[path[-1]]
+    merged = _deep_merge(generated, cleaned)
+    stage = merged["zero_optimization"]["stage"]
+    zero = merged["zero_optimization"]
+    if stage == 0 and "offload_optimizer" in zero:
+        raise EngineError(f"{source}: zero_optimization.offload_optimizer needs ZeRO stage 1-3; set distributed.zero_stage")
+    if stage < 3 and "offload_param" in zero:
+        raise EngineError(f"{source}: zero_optimization.offload_param needs ZeRO stage 3; set distributed.zero_stage=3")
+    return merged
+
+
+def load_user_deepspeed_config(path: str) -> dict[str, Any]:
+    """Read ``distributed.deepspeed_config`` (a JSON object) with a clear error."""
+    file = Path(path)
+    if not file.is_file():
+        raise EngineError(f"distributed.deepspeed_config={path!r} does not exist (see launch/deepspeed_*.json)")
+    try:
+        loaded = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"distributed.deepspeed_config={path!r} is not valid JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise EngineError(f"distributed.deepspeed_config={path!r} must hold a JSON object")
+    return loaded
+
+
+# ------------------------------------------------------------------ process group
+
+
+def set_cpu_threads(env: LaunchEnv, device: torch.device) -> int:
+    """Give each CPU rank its share of the cores unless the user chose (OMP_NUM_THREADS).
+
+    Several ranks each using every core thrash (ZeRO-3 step 232 ms -> 54 ms at
+    one thread per rank on 2 cores, DESIGN.md section 2).
+    """
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // max(1, env.local_world_size)))
+    threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(threads)
+    return threads
+
+
+class _ExpectedNoise(logging.Filter):
+    """Drops DeepSpeed's warning about our gated torch.optim optimizers (expected, not a risk)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    """Import DeepSpeed with its accelerator chosen and its CPU JIT builds disabled."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    if ds_logger.level < logging.WARNING:
+        ds_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _ExpectedNoise) for f in ds_logger.filters):
+        ds_logger.addFilter(_ExpectedNoise())
+    # DeepSpeed's ZeRO calls a torch collective that torch 2.13 marks deprecated, once per step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+    if device.type == "cpu":
+        # DeepSpeed would JIT-build its shared-memory comm op (~40 s on 2 cores) at init.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def init_process_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: int) -> None:
+    """Start the process group (also for one process: DeepSpeed needs one). Idempotent."""
+    deepspeed = _import_deepspeed(device)
+    if dist.is_initialized():
+        return
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        timeout=timedelta(seconds=timeout_s),
+        verbose=False,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+
+
+# ------------------------------------------------------------------ optimizer and skip gate
+
+
+@dataclass
+class StepDecision:
+    """What happened to one optimizer step on every rank."""
+
+    applied: bool
+    grad_norm: float
+    reason: str = ""  # why it was skipped
+
+
+class StepGate:
+    """Decides inside the optimizer step, identically on every rank, whether to apply it.
+
+    DeepSpeed calls the wrapped ``torch.optim`` step once per optimizer step,
+    after reducing (and, under ZeRO, partitioning) the gradients and before
+    touching the weights. There the gate sums this rank's squared gradient
+    norm and its non-finite-loss flag in ONE all-reduce; from the sum every rank
+    derives the same global norm and the same verdict, so no rank updates while
+    another skips. Skipping = not calling the inner step: weights and Adam
+    moments stay exactly as they were. Accepted steps are clipped here
+    (``train.grad_clip``), because clipping needs the unclipped norm we just had.
+    """
+
+    def __init__(self, clip: float, skip_above: float, device: torch.device, model_numel: int) -> None:
+        self.clip = clip
+        self.skip_above = skip_above
+        self.device = device
+        self.model_numel = model_numel
+        self._local_loss_bad = False
+        self.decision: StepDecision | None = None
+
+    def arm(self, loss_is_finite: bool) -> None:
+        """Before ``engine.step()``: this rank's loss verdict for the step about to be taken."""
+        self._local_loss_bad = not loss_is_finite
+        self.decision = None
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> bool:
+        if self.decision is not None:
+            raise RuntimeError(
+                "the optimizer step was called twice in one training step (several DeepSpeed "
+                "sub-groups); the skip gate needs one call: raise zero_optimization.sub_group_size"
+            )
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        local_numel = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        if grads:
+            norms = torch._foreach_norm([g.float() for g in grads])
+            sq = torch.stack(norms).pow(2).sum().to(self.device)
+        # Replicated gradients (ZeRO-0 fp32) appear on every rank: count them once.
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        replicated = local_numel == self.model_numel
+        stats = torch.stack([sq / (world if replicated else 1), torch.tensor(float(self._local_loss_bad), device=self.device)])
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        norm = float(stats[0].sqrt())
+        if stats[1] > 0:
+            self.decision = StepDecision(False, norm, f"non-finite loss on {int(stats[1])} rank(s)")
+        elif not math.isfinite(norm):
+            self.decision = StepDecision(False, norm, "non-finite gradient norm")
+        elif self.skip_above > 0 and norm > self.skip_above:
+            self.decision = StepDecision(False, norm, f"gradient norm {norm:.3g} > train.skip_grad_norm={self.skip_above:g}")
+        else:
+            self.decision = StepDecision(True, norm)
+            if self.clip > 0 and norm > self.clip:
+                torch._foreach_mul_(grads, self.clip / (norm + 1e-6))
+        return self.decision.applied
+
+
+class _GatedStep:
+    """Mixin: ``step()`` runs only when the gate says so (the gate is an attribute, set after init)."""
+
+    step_gate: Callable[[torch.optim.Optimizer], bool] | None = None
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.step_gate is not None and not self.step_gate(self):  # type: ignore[arg-type]
+            return None
+        return super().step(closure)  # type: ignore[misc]
+
+
+class GatedAdamW(_GatedStep, torch.optim.AdamW):
+    """AdamW whose step the :class:`StepGate` can veto."""
+
+
+class GatedAdam(_GatedStep, torch.optim.Adam):
+    """Adam whose step the :class:`StepGate` can veto."""
+
+
+def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
+    """A gated ``torch.optim`` optimizer (no JIT build), or DeepSpeed's FusedAdam on GPU when asked."""
+    opt = cfg.optimizer
+    kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.deepspeed_fused:
+        from deepspeed.ops.adam import FusedAdam
+
+        gated_fused = type("GatedFusedAdam", (_GatedStep, FusedAdam), {})
+        return gated_fused(params, adam_w_mode=opt.name == "adamw", **kwargs)
+    cls = GatedAdamW if opt.name == "adamw" else GatedAdam
+    return cls(params, **kwargs)
+
+
+# ------------------------------------------------------------------ the engine
+
+
+@dataclass
+class Engine:
+    """DeepSpeed engine plus what the trainer needs around it."""
+
+    ds: Any  # deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.Optimizer  # the inner, gated torch optimizer
+    gate: StepGate
+    env: LaunchEnv
+    device: torch.device
+    backend: str
+    plan: BatchPlan
+    ds_config: dict[str, Any]
+    cfg: Config
+    lr_at: Callable[[int], float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model (DeepSpeed's wrapped module: call it on every rank under ZeRO-3)."""
+        return self.ds.module
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.distributed.precision, torch.float32)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch (DeepSpeed divides by the accumulation steps)."""
+        self.ds.backward(loss)
+
+    def step(self, global_step: int, loss_is_finite: bool) -> StepDecision:
+        """Finish the optimizer step ``global_step`` (0-based) on every rank; returns the shared decision."""
+        lr = self.lr_at(global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.gate.arm(loss_is_finite)
+        self.ds.step()
+        if self.gate.decision is None:
+            # DeepSpeed's own overflow check (fp16 loss scaling, or a non-finite norm
+            # under ZeRO) skipped the inner step on every rank before the gate ran.
+            norm = self.ds.get_global_grad_norm()
+            return StepDecision(False, float(norm) if norm is not None else float("nan"), "DeepSpeed overflow")
+        return self.gate.decision
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few numbers over ranks (validation totals); one collective."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the running job, written to ``run_info.json`` and logged."""
+        import deepspeed
+
+        return {
+            "launcher": self.env.launcher,
+            "world_size": dist.get_world_size(),
+            "rank": self.env.rank,
+            "local_world_size": self.env.local_world_size,
+            "backend": self.backend,
+            "device": str(self.device),
+            "zero_stage": int(self.ds.zero_optimization_stage()),
+            "precision": self.cfg.distributed.precision,
+            "global_batch_size": self.plan.global_batch_size,
+            "micro_batch_size": self.plan.micro_batch_size,
+            "grad_accum_steps": self.plan.grad_accum_steps,
+            "omp_num_threads": torch.get_num_threads(),
+            "deepspeed_version": deepspeed.__version__,
+            "torch_version": torch.__version__,
+            "optimizer": type(self.optimizer).__name__,
+        }
+
+
+def resolve(cfg: Config, environ: dict[str, str] | None = None) -> tuple[Config, LaunchEnv, torch.device, str, BatchPlan, list[str]]:
+    """Everything that can be checked without talking to a peer: launcher, device, batch, options.
+
+    Every rank computes the same answer from the same config and environment,
+    so a bad setting stops all ranks here, before any of them blocks in a
+    collective waiting for the others.
+    """
+    env = detect_launch_env(environ)
+    cfg, notes = apply_launcher_settings(cfg, environ)
+    device, backend = choose_device(env, cfg.distributed.backend)
+    check_compatibility(cfg, device)
+    plan = plan_batch(cfg.train.global_batch_size, cfg.train.grad_accum_steps, env.world_size)
+    return cfg, env, device, backend, plan, notes
+
+
+def setup_engine(cfg: Config, model: torch.nn.Module, environ: dict[str, str] | None = None) -> Engine:
+    """Resolve the job, start the process group and wrap ``model`` in DeepSpeed.
+
+    The learning rate of step ``s`` is ``optimizer.lr * lr_multiplier(s)`` from
+    :mod:`vae_train.schedules`, set on the optimizer before every step: a pure
+    function of the step, so resuming needs no scheduler state and a skipped
+    step cannot shift the schedule. Note the returned ``engine.cfg``: it
+    includes the settings an ``accelerate launch`` config added.
+    """
+    cfg, env, device, backend, plan, notes = resolve(cfg, environ)
+    multiplier = build_lr_schedule(cfg)
+    base_lr = cfg.optimizer.lr
+    ds_config = build_deepspeed_config(cfg, plan)
+    if cfg.distributed.deepspeed_config:
+        user = load_user_deepspeed_config(cfg.distributed.deepspeed_config)
+        ds_config = merge_deepspeed_config(ds_config, user, f"distributed.deepspeed_config={cfg.distributed.deepspeed_config!r}")
+    set_cpu_threads(env, device)
+    init_process_group(env, backend, device, cfg.distributed.timeout_s)
+    deepspeed = _import_deepspeed(device)
+    model = model.to(device)
+    model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    gate = StepGate(cfg.train.grad_clip, cfg.train.skip_grad_norm, device, model_numel)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    optimizer.step_gate = gate  # type: ignore[attr-defined]
+    return Engine(ds_engine, optimizer, gate, env, device, backend, plan, ds_config, cfg,
+                  lambda step: base_lr * multiplier(step), notes)

@@ -1,0 +1,230 @@
+"""Preemption and time limits: catch the warning signal, stop at a step boundary, requeue.
+
+Clusters take machines away with a signal, not a conversation: SLURM sends the
+``--signal=USR1@N`` warning N seconds before the time limit, and SIGTERM when a
+job is preempted or cancelled (followed by SIGKILL after ``KillWait``).  Dying on
+that signal loses everything since the last periodic checkpoint, so the trainer
+instead:
+
+1. installs :class:`PreemptionHandler` before its loop (the handler only sets a
+   flag: nothing else is safe inside a signal handler, and the loop may be in the
+   middle of a collective that every rank must finish);
+2. polls ``handler.any_rank_requested()`` once per step on every rank (one tiny
+   all-reduce, so all ranks stop at the *same* step even when the signal reached
+   only some of them or arrived between two ranks' checks);
+3. when it is true, saves a checkpoint, waits for its upload to commit (with a
+   deadline shorter than the grace time), and then calls
+   :func:`requeue_if_slurm` so the job runs again and resumes (``resume=auto``)
+   from the newest committed checkpoint;
+4. returns normally (exit code 0).
+
+``scontrol requeue`` itself sends SIGTERM to the job: the still-installed
+handler absorbs it, so the ranks finish exiting cleanly.
+
+Usage in the training loop::
+
+    with PreemptionHandler() as preempt:
+        while step < max_steps:
+            ...train one step...
+            if preempt.any_rank_requested(device):
+                checkpoints.save(step, wait=True)   # all ranks
+                requeue_if_slurm(step, max_steps)    # acts on global rank 0 only
+                break
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from types import FrameType, TracebackType
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+#: SIGUSR1 is the time-limit warning our sbatch script asks for; SIGTERM is preemption/cancel.
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class PreemptionHandler:
+    """Turns SIGTERM/SIGUSR1 into a flag the training loop polls.
+
+    Why a flag: the signal can arrive while this rank is inside an all-reduce or
+    a DeepSpeed step; stopping there would leave the other ranks waiting forever.
+    The loop checks the flag at the next step boundary instead.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> None:
+        self.signals = signals
+        self._received: signal.Signals | None = None
+        self._received_at: float | None = None
+        self._previous: dict[signal.Signals, _Handler] = {}
+
+    # -- installation -------------------------------------------------------------
+    def install(self) -> PreemptionHandler:
+        """Install the handlers (main thread only; elsewhere Python forbids it, so we warn)."""
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("preemption handler not installed: not on the main thread, "
+                        "so SIGTERM/SIGUSR1 will end the process without a checkpoint")
+            return self
+        for sig in self.signals:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore whatever handlers were there before :meth:`install`.
+
+        Once a signal has been received the flag-only handlers stay: the process
+        is on its way out, and a second SIGTERM (``scontrol requeue`` sends one
+        right after rank 0 asks for the requeue, ``scancel`` may repeat) must not
+        kill it while it closes loggers and upload threads. SIGKILL still ends it.
+        """
+        if self.requested:
+            self._previous.clear()
+            return
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> PreemptionHandler:
+        return self.install()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.uninstall()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only plain assignments here: logging takes locks and is not signal-safe.
+        if self._received is None:
+            self._received = signal.Signals(signum)
+            self._received_at = time.monotonic()
+
+    # -- state ----------------------------------------------------------------------
+    @property
+    def requested(self) -> bool:
+        """True once this process received one of the signals."""
+        return self._received is not None
+
+    @property
+    def signal_name(self) -> str | None:
+        """Name of the first signal received (``"SIGUSR1"``), or None."""
+        return self._received.name if self._received is not None else None
+
+    def seconds_since_signal(self) -> float | None:
+        """Time since the signal arrived, to budget the save against the grace period."""
+        return None if self._received_at is None else time.monotonic() - self._received_at
+
+    def any_rank_requested(self, device: Any = None) -> bool:
+        """Collective: True on every rank when any rank has received a signal.
+
+        Every rank must call it at the same step (it is one all-reduce of one
+        number). Without torch.distributed initialized it is just :attr:`requested`.
+        ``device`` is where the flag tensor lives (the rank's GPU under NCCL;
+        CPU under gloo, the default).
+        """
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device or "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def shield_worker_from_job_signals(worker_id: int | None = None) -> None:
+    """Keep a helper process (DataLoader worker, uploader) alive through job-wide signals.
+
+    SLURM delivers SIGTERM/SIGUSR1 to *every* process of a job step, not just the
+    trainer. A DataLoader worker that dies from it makes torch raise "DataLoader
+    worker exited unexpectedly" asynchronously in the trainer, in the middle of
+    the preemption checkpoint. Plain ``SIG_IGN`` is no fix: multiprocessing stops
+    daemonic workers at interpreter exit with SIGTERM and then joins them without
+    a timeout, so an ignoring worker would hang the exit.
+
+    So both signals are blocked and a thread reads them with ``sigwaitinfo``,
+    which tells who sent them: SIGTERM from the parent (torch or multiprocessing
+    shutting the worker down) exits at once with status 0, as torch's own
+    handler does; anything else (SLURM, ``scancel``) is ignored, because the
+    trainer got it too and shuts its workers down when it is done.
+
+    Use it as (or call it from) ``DataLoader(worker_init_fn=...)``. It must run
+    before the process starts other threads, which is the case in a fresh worker.
+    """
+    wanted = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    parent = os.getppid()
+
+    def wait_for_signals() -> None:
+        while True:
+            info = signal.sigwaitinfo(wanted)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_signals, name="job-signal-shield", daemon=True).start()
+
+
+def under_slurm() -> bool:
+    """True inside a SLURM job (batch script, srun task or torchrun started by one)."""
+    return bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def restart_count() -> int:
+    """How many times SLURM has restarted this job (``SLURM_RESTART_COUNT``, 0 on the first run)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def requeue_if_slurm(step: int, max_steps: int, rank: int | None = None) -> bool:
+    """Requeue this SLURM job so it resumes later; return True when a requeue was requested.
+
+    Call it after the preemption checkpoint has committed (on all ranks, it acts
+    on global rank 0 only). It does nothing outside SLURM, on other ranks, or when
+    the run already reached ``max_steps`` (a finished run must not start again).
+    A failed requeue is logged, not raised: the checkpoint is safe either way and
+    the user can resubmit.
+    """
+    if not under_slurm():
+        return False
+    if (rank if rank is not None else _global_rank()) != 0:
+        return False
+    if step >= max_steps:
+        log.info("not requeueing: step %d reached train.max_steps=%d", step, max_steps)
+        return False
+    job_id = os.environ["SLURM_JOB_ID"]
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        log.warning("cannot requeue SLURM job %s: scontrol not found on PATH; resubmit it "
+                    "to resume from the last checkpoint", job_id)
+        return False
+    try:
+        out = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True,
+                             timeout=60)
+    except subprocess.TimeoutExpired:
+        log.warning("scontrol requeue %s timed out; resubmit the job to resume", job_id)
+        return False
+    if out.returncode != 0:
+        log.warning("scontrol requeue %s failed (%s); was the job submitted with --requeue? "
+                    "Resubmit it to resume from the last checkpoint", job_id,
+                    out.stderr.strip() or f"exit {out.returncode}")
+        return False
+    log.info("requeued SLURM job %s at step %d/%d; it resumes from the last committed "
+             "checkpoint", job_id, step, max_steps)
+    return True

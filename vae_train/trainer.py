@@ -1,0 +1,367 @@
+"""The training loop, top to bottom: batch -> forward -> ELBO loss -> backward -> step -> log.
+
+Every launcher runs this same function (``train.py`` and ``vae-train train`` call it)::
+
+    # one process (CPU or one GPU)
+    python train.py --config configs/fashion_mnist.yaml train.max_steps=200
+    # 2 processes on this machine, DeepSpeed ZeRO-2 (the default job)
+    accelerate launch --config_file launch/accelerate_cpu.yaml train.py --config configs/fashion_mnist.yaml
+    torchrun --nproc_per_node 2 train.py --config configs/fashion_mnist.yaml distributed.zero_stage=3
+    deepspeed --num_gpus 8 train.py --config configs/fashion_mnist.yaml distributed.precision=bf16
+    # two nodes
+    torchrun --nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --nproc_per_node 8 train.py ...
+
+One optimizer step: ``train.grad_accum_steps`` micro-batches each go through the
+model (encoder -> fused reparameterization/KL op -> decoder -> likelihood), the
+loss ``recon + beta(step) * KL`` (free bits per latent channel) is backpropagated,
+then every rank takes -- or skips -- the update together (see
+:class:`vae_train.engine.StepGate`: a non-finite loss or gradient norm on any
+rank, or a norm above ``train.skip_grad_norm``, skips it everywhere; after
+``train.max_consecutive_skips`` skips in a row the run stops with an error rather
+than train on garbage). Then rank 0 logs, the loop validates and checkpoints on
+schedule, and a SLURM/preemption signal leads to a final save and a clean exit.
+
+Test hook: ``VAE_TRAIN_INJECT_NAN=RANK:STEP`` multiplies rank RANK's loss by NaN
+in optimizer step STEP (0-based), to check that all ranks skip that step together.
+
+Randomness, so an interrupted and resumed run matches an uninterrupted one bit for
+bit: initial weights from ``seed`` (same on every rank); the reparameterization
+noise from the global torch RNG seeded per rank (its state is saved in every
+checkpoint); the data order from the data stream's own state; prior samples for
+image grids from a private generator that never touches the training streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from vae_train.checkpoint import CheckpointManager
+from vae_train.config import Config
+from vae_train.engine import Engine, setup_engine
+from vae_train.errors import VaeTrainError
+from vae_train.logging import RunLogger, log, pairs_grid, image_grid, save_png, setup_console
+from vae_train.model import ConvVAE, bits_per_dim, likelihood_value_range, vae_loss
+from vae_train.preemption import PreemptionHandler, requeue_if_slurm
+from vae_train.schedules import build_beta_schedule
+
+INJECT_NAN_ENV = "VAE_TRAIN_INJECT_NAN"
+GRID_IMAGES = 16
+
+
+class TrainingError(VaeTrainError):
+    """Training cannot continue (diverged, or a test hook was misused)."""
+
+
+@dataclass
+class TrainResult:
+    """How the run ended (same on every rank)."""
+
+    step: int
+    skipped_steps: int
+    final_loss: float
+    preempted: bool
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train ``cfg`` to ``train.max_steps`` (resuming per ``cfg.resume``); every rank calls this."""
+    # -- the model and the engine: bad settings stop here, before any rank waits ----
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = ConvVAE(cfg.model)
+    num_parameters = model.num_parameters()  # before ZeRO-3 partitions them
+    engine = setup_engine(cfg, model)
+    cfg = engine.cfg  # includes what an `accelerate launch` config added
+    rank, world = engine.env.rank, engine.env.world_size
+    setup_console(rank)
+    for note in engine.notes:
+        log.warning(note)
+    torch.manual_seed(_derive_seed(cfg.seed, "noise", rank))  # this rank's reparameterization noise
+
+    # -- data, checkpoints, resume ---------------------------------------------------
+    train_stream, val_stream = _build_streams(cfg, engine)
+    checkpoints = CheckpointManager(cfg, engine.ds, rank, world, engine.env.local_rank)
+    step, skipped_total, skipped_in_a_row = 0, 0, 0
+    resume_path = checkpoints.resolve_resume()
+    if resume_path:
+        resumed = checkpoints.load(engine.ds, resume_path)
+        step = resumed.step
+        skipped_total = int((resumed.all_rank_states[0] or {}).get("skipped_steps", 0))
+        if resumed.rank_state is not None:
+            train_stream.load_state_dict(resumed.rank_state["data"])
+        else:
+            log.warning("elastic resume: the data stream restarts from a fresh position derived from the seed")
+    _write_run_info(cfg, engine, num_parameters, resumed_from=resume_path)
+
+    logger = RunLogger(cfg.run_dir, cfg.logging, max_steps=cfg.train.max_steps, start_step=step, is_main=rank == 0)
+    logger.info(f"TensorBoard logs: {Path(cfg.run_dir, 'tb').resolve()}  (tensorboard --logdir {cfg.run_dir}/tb)")
+    beta_at = build_beta_schedule(cfg)
+    inject_nan = _parse_inject_nan(os.environ.get(INJECT_NAN_ENV, ""))
+    value_range = likelihood_value_range(cfg.model.likelihood)
+    num_dims = cfg.model.in_channels * cfg.model.image_size**2
+    window = _Window()
+    probe: torch.Tensor | None = None  # a fixed batch for the reconstruction grids
+    last_loss, preempted = float("nan"), False
+    batches = iter(train_stream)
+
+    def trainer_state() -> dict[str, Any]:
+        return {"data": train_stream.state_dict(), "skipped_steps": skipped_total}
+
+    try:
+        with PreemptionHandler() as preempt:
+            while step < cfg.train.max_steps:
+                beta = beta_at(step)
+                loss_is_finite = True
+                for _ in range(engine.plan.grad_accum_steps):
+                    # batch
+                    batch = next(batches)
+                    x = batch["image"].to(engine.device, engine.compute_dtype, non_blocking=True)
+                    if probe is None:
+                        probe = x[:GRID_IMAGES].clone()
+                    # forward: encoder -> fused reparameterization + KL -> decoder -> likelihood
+                    out = engine.forward(x)
+                    terms = vae_loss(out, beta=beta, free_bits=cfg.kl.free_bits)
+                    loss = terms.loss
+                    if inject_nan == (rank, step):
+                        loss = loss * float("nan")
+                    loss_is_finite = loss_is_finite and bool(torch.isfinite(loss))
+                    # backward (DeepSpeed scales by the accumulation steps and reduces gradients)
+                    engine.backward(loss)
+                    window.add(terms, out.kl_per_channel)
+                # step: every rank applies it, or every rank skips it
+                decision = engine.step(step, loss_is_finite)
+                if decision.applied:
+                    skipped_in_a_row = 0
+                else:
+                    skipped_total += 1
+                    skipped_in_a_row += 1
+                    log.warning(
+                        "step %d skipped on every rank: %s (%d in a row, %d in total)",
+                        step, decision.reason, skipped_in_a_row, skipped_total,
+                    )
+                    if skipped_in_a_row >= cfg.train.max_consecutive_skips:
+                        raise TrainingError(
+                            f"{skipped_in_a_row} updates in a row were skipped (last at step {step}: "
+                            f"{decision.reason}); training is diverging. Lower optimizer.lr, raise "
+                            "optimizer.warmup_steps, use distributed.precision=fp32, or check the data; "
+                            "resume from the last checkpoint"
+                        )
+                window.end_step(decision.grad_norm)
+                step += 1
+
+                # log (scalars are averaged over the logging window and over ranks)
+                if step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps:
+                    row = window.reduce(engine)
+                    last_loss = row["loss"]
+                    data_stats = train_stream.stats()
+                    row.update(
+                        data_wait_fraction=data_stats["data_wait_fraction"],
+                        data_skipped_samples=float(data_stats["skipped_total"]),
+                        beta=beta,
+                        lr=engine.lr_at(step - 1),
+                        skipped_steps=float(skipped_total),
+                        images_per_s=row.pop("steps") * engine.plan.global_batch_size / max(row.pop("seconds"), 1e-9),
+                        bits_per_dim=bits_per_dim(row["recon"] + row["kl"], num_dims),
+                    )
+                    kl_channels = row.pop("kl_per_channel")
+                    logger.scalars(step, row)
+                    if _due(step, cfg.logging.histogram_every):
+                        logger.latent_histogram(step, kl_channels)
+                    logger.progress(step, last_loss)
+                    window = _Window()
+                if _due(step, cfg.logging.image_every) and probe is not None:
+                    logger.images(step, _image_grids(engine, probe, value_range, cfg.seed))
+                if val_stream is not None and _due(step, cfg.train.val_every) and step < cfg.train.max_steps:
+                    logger.scalars(step, validate(engine, val_stream, cfg, num_dims), prefix="val")
+
+                # checkpoint, and stop cleanly when SLURM/the cluster asks for the machine back
+                checkpoints.maybe_save(step, trainer_state)
+                if preempt.any_rank_requested(engine.device):
+                    logger.info(f"{preempt.signal_name or 'signal'} received: saving step {step} and exiting")
+                    checkpoints.save(step, trainer_state(), final=True)
+                    checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
+                    requeue_if_slurm(step, cfg.train.max_steps, rank)
+                    preempted = True
+                    break
+
+        if not preempted:
+            if val_stream is not None:
+                logger.scalars(step, validate(engine, val_stream, cfg, num_dims), prefix="val")
+            if probe is not None:
+                _final_grids(engine, logger, probe, value_range, cfg, step)
+            if _checkpointing_enabled(cfg):
+                checkpoints.save(step, trainer_state(), final=True)
+                checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
+            logger.info(f"done: {step} steps, {skipped_total} skipped; samples and reconstructions in {cfg.run_dir}")
+    finally:
+        logger.close()
+        checkpoints.close()
+    return TrainResult(step, skipped_total, last_loss, preempted)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _derive_seed(seed: int, stream: str, rank: int) -> int:
+    """A 63-bit seed for one named random stream of one rank (independent of the others)."""
+    digest = hashlib.sha256(f"{seed}/{stream}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _checkpointing_enabled(cfg: Config) -> bool:
+    ck = cfg.checkpoint
+    return bool(ck.every_steps or ck.every_minutes or ck.remote)
+
+
+def _parse_inject_nan(spec: str) -> tuple[int, int] | None:
+    """``"RANK:STEP"`` -> (rank, step); empty -> None."""
+    if not spec:
+        return None
+    rank, sep, step = spec.partition(":")
+    if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
+        raise TrainingError(f"{INJECT_NAN_ENV}={spec!r} must look like RANK:STEP, e.g. 1:5")
+    return int(rank), int(step)
+
+
+def _build_streams(cfg: Config, engine: Engine) -> tuple[Any, Any]:
+    """This rank's training stream and (when ``data.val`` is set) validation stream."""
+    from vae_train.data import build_train_stream, build_val_stream
+
+    common = dict(
+        image_size=cfg.model.image_size,
+        channels=cfg.model.in_channels,
+        value_range=likelihood_value_range(cfg.model.likelihood),
+        rank=engine.env.rank,
+        world_size=engine.env.world_size,
+        s3_cfg=cfg.s3,
+    )
+    train_stream = build_train_stream(cfg.data, micro_batch_size=engine.plan.micro_batch_size, seed=cfg.seed, **common)
+    val_stream = build_val_stream(cfg.data, batch_size=cfg.data.val_batch_size, **common) if cfg.data.val else None
+    return train_stream, val_stream
+
+
+class _Window:
+    """Running sums between two log lines (kept as tensors: no sync per step)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.micro = 0
+        self.steps = 0
+        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.kl_channels: torch.Tensor | None = None
+        self.grad_norm = 0.0
+
+    def add(self, terms: Any, kl_per_channel: torch.Tensor) -> None:
+        self.micro += 1
+        self.sums += torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]).double().cpu()
+        means = kl_per_channel.detach().float().mean(0).cpu()
+        self.kl_channels = means if self.kl_channels is None else self.kl_channels + means
+
+    def end_step(self, grad_norm: float) -> None:
+        self.steps += 1
+        self.grad_norm = grad_norm
+
+    def reduce(self, engine: Engine) -> dict[str, Any]:
+        """Window means over ranks (one all-reduce); timing is rank 0's own."""
+        channels = self.kl_channels if self.kl_channels is not None else torch.zeros(1)
+        totals = engine.all_reduce_sum([*self.sums.tolist(), float(self.micro), *channels.tolist()])
+        count = max(totals[3], 1.0)
+        seconds = time.perf_counter() - self.start
+        return {
+            "loss": totals[0] / count,
+            "recon": totals[1] / count,
+            "kl": totals[2] / count,
+            "grad_norm": self.grad_norm,
+            "steps": self.steps,
+            "seconds": seconds,
+            "kl_per_channel": torch.tensor(totals[4:]) / count,
+        }
+
+
+@contextlib.contextmanager
+def _evaluating(engine: Engine) -> Iterator[torch.nn.Module]:
+    """The model in eval mode with whole parameters (gathered under ZeRO-3), no autograd.
+
+    Every rank must enter it together: under ZeRO-3 gathering is a collective.
+    """
+    module = engine.module
+    gather: Any = contextlib.nullcontext()
+    if engine.ds.zero_optimization_stage() == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    was_training = module.training
+    module.eval()
+    try:
+        with gather, torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
+
+
+def validate(engine: Engine, val_stream: Any, cfg: Config, num_dims: int) -> dict[str, float]:
+    """Validation ELBO over the whole split (or ``train.val_batches`` per rank), summed over ranks."""
+    sums = [0.0, 0.0, 0.0]  # recon, kl, images
+    with _evaluating(engine) as module:
+        for index, batch in enumerate(val_stream):
+            if cfg.train.val_batches and index >= cfg.train.val_batches:
+                break
+            x = batch["image"].to(engine.device, engine.compute_dtype)
+            mask = batch["mask"].to(engine.device).float() if "mask" in batch else torch.ones(len(x), device=engine.device)
+            out = module(x)
+            sums[0] += float((out.recon_nll.float() * mask).sum())
+            sums[1] += float((out.kl.float() * mask).sum())
+            sums[2] += float(mask.sum())
+    recon, kl, count = engine.all_reduce_sum(sums)
+    count = max(count, 1.0)
+    nelbo = (recon + kl) / count
+    return {"nelbo": nelbo, "recon": recon / count, "kl": kl / count, "bits_per_dim": bits_per_dim(nelbo, num_dims)}
+
+
+def _image_grids(engine: Engine, probe: torch.Tensor, value_range: tuple[float, float], seed: int) -> dict[str, Any]:
+    """Inputs beside reconstructions, and prior samples (a fixed generator: comparable over steps)."""
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    with _evaluating(engine) as module:
+        recon = module.reconstruct(probe)
+        samples = module.sample(GRID_IMAGES * 2, generator=generator)
+    return {"reconstructions": pairs_grid(probe, recon, value_range), "samples": image_grid(samples, value_range)}
+
+
+def _final_grids(engine: Engine, logger: RunLogger, probe: torch.Tensor, value_range: tuple[float, float],
+                 cfg: Config, step: int) -> None:
+    """The end-of-run grids in TensorBoard and as PNGs users can open directly."""
+    grids = _image_grids(engine, probe, value_range, cfg.seed)
+    logger.images(step, grids)
+    if engine.env.rank == 0:
+        save_png(grids["samples"], Path(cfg.run_dir) / "samples.png")
+        save_png(grids["reconstructions"], Path(cfg.run_dir) / "reconstructions.png")
+
+
+def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_from: str | None) -> None:
+    """``run_info.json`` and ``config.yaml`` in the run dir, and one summary line (rank 0)."""
+    info = engine.info()
+    info.update(parameters=num_parameters, resumed_from=resumed_from)
+    if engine.env.rank != 0:
+        return
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    cfg.save(run_dir / "config.yaml")
+    log.info(
+        "engine: launcher=%s world_size=%d zero_stage=%d precision=%s backend=%s device=%s global_batch=%d "
+        "micro_batch=%d grad_accum=%d threads/rank=%d parameters=%d",
+        info["launcher"], info["world_size"], info["zero_stage"], info["precision"], info["backend"],
+        info["device"], info["global_batch_size"], info["micro_batch_size"], info["grad_accum_steps"],
+        info["omp_num_threads"], info["parameters"],
+    )
