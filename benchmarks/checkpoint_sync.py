@@ -141,7 +141,7 @@ def main() -> int:
             uploader = ck._Uploader(store, 0, cfg)
             t0 = time.perf_counter()
             uploader.submit(ck._UploadJob(i, ckpt_dir, manifest.files, ck.Manifest(
-                i, 1, 2, manifest.files, "", ""), time.time()))
+                i, 1, 2, manifest.files, "", ""), time.monotonic()))
             uploader.wait_idle(600)
             ours.append(time.perf_counter() - t0)
             uploader.stop()

@@ -2,7 +2,7 @@
 
 Run::
 
-    OMP_NUM_THREADS=1 python benchmarks/dataloader.py [--batches 40] [--steps 60] [--no-s3]
+    OMP_NUM_THREADS=1 python benchmarks/dataloader.py [--batches 20] [--steps 20] [--no-s3]
 
 What it measures, side by side in one run:
 
@@ -148,8 +148,8 @@ def wait_fraction(source: str, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, default=40, help="timed micro-batches per throughput row")
-    parser.add_argument("--steps", type=int, default=60, help="timed training steps for the wait fraction")
+    parser.add_argument("--batches", type=int, default=20, help="timed micro-batches per throughput row")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps for the wait fraction")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 rows")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -135,8 +135,8 @@ def test_shard_writer_is_atomic(tmp_path: Path) -> None:
 
 
 def _run_prepare_cli(out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vae_train", "prepare", "fashion-mnist", "--out", str(out), "--limit", "4000",
-           "--samples-per-shard", "100", "--workers", "1", "--no-progress", *extra]
+    cmd = [sys.executable, "-m", "vae_train", "prepare", "fashion-mnist", "--out", str(out), "--limit", "1500",
+           "--samples-per-shard", "50", "--workers", "1", "--no-progress", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -146,6 +146,7 @@ def test_killed_prepare_leaves_no_partial_shard_and_resumes(tmp_path: Path) -> N
     deadline = time.monotonic() + 60
     while len(list(out.glob("*.tar"))) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "prepare finished before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "index.json").exists()

@@ -200,3 +200,31 @@ def test_resize_and_crop() -> None:
     assert any(np.allclose(x[0], big[t:t + 4, l:l + 4] / 255, atol=1e-7) for t in range(9) for l in range(5))
     with pytest.raises(SampleRejected):
         _decode(_png(np.zeros((3, 3), np.uint8)), random_crop=True)  # smaller: needs data.resize
+
+
+def test_pipe_and_http_sources(fashion_shards: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(fashion_shards))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        local = _take(_train(DataConfig(train=str(fashion_shards), num_workers=0)), 3)
+        over_http = _take(_train(DataConfig(train=url, num_workers=0)), 3)  # index.json over http
+        _same(local, over_http)
+        data = DataConfig(train=f"{url}/train-{{000000..000005}}.tar", num_workers=0, samples_per_epoch=2700)
+        assert len(next(_train(data))["key"]) == 32
+        data = DataConfig(val=f"{url}/index.json#val", num_workers=0)
+        assert sum(int(b["mask"].sum()) for b in _val(data, rank=0, world_size=1, batch=128)) == 300
+    finally:
+        server.shutdown()
+        server.server_close()
+    piped = DataConfig(train=f"pipe:cat {fashion_shards}/train-{{000000..000005}}.tar", num_workers=2,
+                       samples_per_epoch=2700)
+    keys = [k for b in _take(_train(piped), 6) for k in b["key"]]
+    assert len(keys) == 192 and all(k.startswith("train_") for k in keys)

@@ -66,6 +66,7 @@ def test_accelerate_environment_is_recognised() -> None:
         ({"RANK": "0", "WORLD_SIZE": "2"}, ["MASTER_ADDR", "MASTER_PORT"]),
         ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, ["not inside WORLD_SIZE"]),
         ({"RANK": "x", "WORLD_SIZE": "2"}, ["RANK='x' is not an integer"]),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "0"}, ["MASTER_PORT=0", "--standalone"]),
     ],
 )
 def test_half_set_launcher_environment_is_an_error(environ: dict[str, str], words: list[str]) -> None:
@@ -283,7 +284,7 @@ def test_fp16_on_cpu_fails_fast_in_a_real_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_global_batch_not_dividing_stops_both_torchrun_ranks(tmp_path: Path) -> None:
-    result = _run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    result = _run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "train.py", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.global_batch_size=15"], {})
     assert result.returncode != 0
     assert result.stderr.count("global_batch_size=15 does not divide") == 2, result.stderr[-3000:]

@@ -161,6 +161,11 @@ def test_score_writes_csv_auroc_and_histogram(tiny_run: TinyRun, tmp_path: Path,
     assert 0 <= summary["auprc"] <= 1 and summary["images"] == VAL_SAMPLES
     assert "AUROC" in capsys.readouterr().out
     assert _png_size(tmp_path / "scores_hist.png")[0] > 100
+    few = tmp_path / "few.csv"
+    assert main(["score", "--checkpoint", str(tiny_run.export), "--data", str(tiny_run.shards), "--max-images", "50",
+                 "--out", str(few), "data.num_workers=0"]) == 0
+    with few.open() as f:
+        assert len(list(csv.DictReader(f))) == 50
 
 
 def test_bad_input_gets_clear_errors(tiny_run: TinyRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

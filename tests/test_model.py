@@ -247,3 +247,11 @@ def test_short_training_on_fashion_mnist_lowers_the_loss() -> None:
     assert math.isfinite(after)
     # 784 binary pixels start at ~550 nats (log 2 each); 60 steps reach well under 350.
     assert after < 0.65 * before, (before, after)
+
+
+def test_bf16_model_takes_fp32_batches_and_reports_fp32_terms() -> None:
+    model = ConvVAE(tiny(likelihood="logistic")).to(torch.bfloat16)
+    x = batch_for(model)
+    out = model(x)
+    assert out.recon_nll.dtype == torch.float32 and out.kl.dtype == torch.float32
+    assert torch.isfinite(out.nelbo).all()

@@ -87,6 +87,15 @@ def test_build_ops_command_builds_and_prints_the_backend(capsys):
     assert "backend: cpu-fused" in out and "cuda kernel: no" in out
 
 
+@pytest.mark.skipif(build.cuda_buildable(), reason="this machine can build the CUDA kernel")
+def test_build_ops_cuda_without_cuda_torch_names_the_fix():
+    from vae_train.cli import main
+
+    with pytest.raises(build.FusedOpUnavailable, match="CUDA toolkit"):
+        build.build(with_cuda=True)
+    assert main(["build-ops", "--cuda"]) == 2
+
+
 def test_cache_directory_is_per_user_and_names_torch_and_isa(monkeypatch, tmp_path):
     monkeypatch.delenv("VAE_TRAIN_OPS_DIR", raising=False)
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)

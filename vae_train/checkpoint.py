@@ -698,7 +698,7 @@ class CheckpointManager:
         self._last_save_step, self._last_save_time = step, time.monotonic()
         all_pending = [s for g in gathered for s in g["pending"]]
         if self._uploader is not None:
-            job = _UploadJob(step, ckpt_dir, mine, manifest if self.rank == 0 else None, time.time())
+            job = _UploadJob(step, ckpt_dir, mine, manifest if self.rank == 0 else None, time.monotonic())
             behind = max(len(g["pending"]) for g in gathered) >= self.cfg.checkpoint.max_pending_uploads
             if behind and not final:
                 self._skipped_job = job

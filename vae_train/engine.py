@@ -127,6 +127,11 @@ def detect_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
                     f"WORLD_SIZE={world} but {', '.join(missing)} is not set, so the ranks cannot find "
                     "each other; use a launcher (torchrun, accelerate launch) or export both"
                 )
+            if environ["MASTER_PORT"].strip() == "0":
+                raise EngineError(
+                    "MASTER_PORT=0: the ranks cannot meet on port 0 (torchrun --master_port 0 passes it through "
+                    "unchanged); use `torchrun --standalone` on one machine or give a real port"
+                )
         local_rank = _int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
         local_world = _int_env(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world
         if environ.get("ACCELERATE_USE_DEEPSPEED") or environ.get("ACCELERATE_MIXED_PRECISION"):

@@ -81,12 +81,16 @@ class PreemptionHandler:
     def uninstall(self) -> None:
         """Restore whatever handlers were there before :meth:`install`.
 
-        Once a signal has been received the flag-only handlers stay: the process
-        is on its way out, and a second SIGTERM (``scontrol requeue`` sends one
-        right after rank 0 asks for the requeue, ``scancel`` may repeat) must not
-        kill it while it closes loggers and upload threads. SIGKILL still ends it.
+        Once a signal has been received the signals are ignored instead: the
+        process is on its way out, and a second SIGTERM (``scontrol requeue``
+        sends one right after rank 0 asks for the requeue; ``scancel`` and srun
+        may repeat it) must not kill it while it closes loggers and upload
+        threads, or during interpreter shutdown, where Python drops its own
+        handlers (``SIG_IGN`` survives that). SIGKILL still ends it.
         """
         if self.requested:
+            for sig in self._previous:
+                signal.signal(sig, signal.SIG_IGN)
             self._previous.clear()
             return
         for sig, previous in self._previous.items():

@@ -67,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--normal-classes", default=None, help="comma-separated labels of the normal classes, e.g. 0 or 0,2")
     score.add_argument("--hist", default=None, help="histogram PNG of scores per class (default: next to --out)")
     score.add_argument("--metrics-out", default=None, help="also write AUROC/AUPRC and counts as JSON here")
+    score.add_argument("--max-images", type=int, default=0, help="score only the first N images (0 = all)")
     score.set_defaults(func=run_score)
 
 
@@ -391,7 +392,10 @@ def run_score(args: argparse.Namespace) -> int:
     labels: list[int] = []
     nelbo: list[float] = []
     iw: list[float] = []
+    _check_count("--max-images", args.max_images, minimum=0)
     for batch in _stream(args, cfg, model):
+        if args.max_images and len(keys) >= args.max_images:
+            break
         mask = batch["mask"]
         if not bool(mask.any()):
             continue
@@ -405,6 +409,8 @@ def run_score(args: argparse.Namespace) -> int:
             iw += scores["iw_nll"].tolist()
     if not keys:
         raise EvalError(f"the data source {args.data!r} yielded no images")
+    if args.max_images:
+        keys, labels, nelbo, iw = keys[: args.max_images], labels[: args.max_images], nelbo[: args.max_images], iw[: args.max_images]
     primary = iw if args.iw_samples else nelbo
     score = [float(bits_per_dim(v, model.num_dims)) for v in primary]
     with out.open("w", newline="") as f:

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from vae_train.data import datasets
     from vae_train.data.prepare import PrepareOptions, default_workers, prepare, write_index
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("vae_train.data").setLevel(logging.INFO)  # resume notes; not botocore's chatter
     s3_cfg = S3Config()
     if args.kind == "index":
         index = write_index(args.out, s3_cfg)

@@ -235,19 +235,24 @@ class ConvVAE(nn.Module):
         self.likelihood.check_range(lo, hi)
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check ``x`` once and return (network input, likelihood target)."""
+        """Check ``x`` once and return (network input, likelihood target).
+
+        The network input takes the weights' dtype (bf16/fp16 models accept fp32
+        batches); the target keeps the data's precision, so 8-bit levels stay exact.
+        """
         self._check(x)
         geo = self._geometry
+        net_dtype = self.encoder.conv_in.weight.dtype
         if geo.network_size == self.config.image_size:
-            return x, x
+            return x.to(net_dtype), x
         if geo.network_size > self.config.image_size:  # pad mode
             before = geo.offset
             after = geo.network_size - self.config.image_size - before
             background = self.likelihood.value_range[0]
-            return F.pad(x, (before, after, before, after), value=background), x
+            return F.pad(x, (before, after, before, after), value=background).to(net_dtype), x
         end = geo.offset + geo.network_size  # crop mode
         cropped = x[:, :, geo.offset : end, geo.offset : end]
-        return cropped, cropped
+        return cropped.to(net_dtype), cropped
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """The checked input as the likelihood scores it (centre-cropped in crop mode)."""

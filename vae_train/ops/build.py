@@ -9,9 +9,10 @@ Environment:
   if that is set, else ``~/.cache/vae_train/ops``). Builds live in a sub-folder
   named after the torch version, CPU/CUDA variant and CPU instruction set, so a
   shared home directory never hands one machine another's binary.
-- ``VAE_TRAIN_OPS_ARCH``: ``auto`` (default: AVX2+FMA when this CPU has them,
-  a portable binary otherwise), ``native`` (``-march=native``: fastest, only for a
-  cache that one kind of machine uses) or ``generic``.
+- ``VAE_TRAIN_OPS_ARCH``: ``auto`` (default: the best of AVX-512 / AVX2 this CPU
+  has, else a portable binary), ``avx512``, ``avx2`` (set this when baking an
+  image that must run on any AVX2 machine), ``native`` (``-march=native``; only for
+  a cache that one kind of machine uses) or ``generic``.
 - ``VAE_TRAIN_CUDA_ARCHS``: GPU architectures for nvcc (default ``80;86;89;90``,
   plus PTX of the last one so newer GPUs JIT it).
 - ``VAE_TRAIN_REQUIRE_FUSED=1``: a failed build raises instead of falling back.
@@ -73,17 +74,36 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+ISA_LEVELS = {
+    # tag: (CPU flags required, compiler flags)
+    "avx512": ({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"},
+               ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"]),
+    "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
+}
+
+
 def isa_flags() -> tuple[str, list[str]]:
-    """(cache tag, compiler flags) for the CPU instruction set; see ``VAE_TRAIN_OPS_ARCH``."""
+    """(cache tag, compiler flags) for the CPU instruction set; see ``VAE_TRAIN_OPS_ARCH``.
+
+    The tag names the build directory, so a cache shared by different machines
+    holds one binary per instruction set and never runs code a CPU lacks.
+    """
     choice = os.environ.get("VAE_TRAIN_OPS_ARCH", "auto")
     if choice == "native":
         return "native", ["-march=native"]
     if choice == "generic":
         return "generic", []
+    if choice in ISA_LEVELS:
+        return choice, list(ISA_LEVELS[choice][1])
     if choice != "auto":
-        raise FusedOpUnavailable(f"VAE_TRAIN_OPS_ARCH={choice!r} is not one of auto, native, generic.")
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
-        return "avx2", ["-mavx2", "-mfma", "-mf16c"]
+        raise FusedOpUnavailable(
+            f"VAE_TRAIN_OPS_ARCH={choice!r} is not one of auto, {', '.join(ISA_LEVELS)}, native, generic."
+        )
+    if platform.machine() in ("x86_64", "AMD64"):
+        cpu = _cpu_flags()
+        for tag, (required, flags) in ISA_LEVELS.items():
+            if required <= cpu:
+                return tag, list(flags)
     return "generic", []
 
 
@@ -127,6 +147,12 @@ def plan(with_cuda: bool) -> BuildPlan:
     return BuildPlan(build_dir, tuple(sources), tuple(cflags), tuple(cuda_cflags), with_cuda)
 
 
+def _prebuilt(build_plan: BuildPlan) -> Path | None:
+    """The compiled library of ``build_plan`` if one is already in the cache."""
+    library = build_plan.build_dir / f"{EXTENSION_NAME}.so"
+    return library if library.exists() else None
+
+
 def _put_ninja_on_path() -> None:
     """cpp_extension runs ``ninja`` from PATH; the venv's own one is missing there
     when Python is started by its full path without activating the venv."""
@@ -145,12 +171,23 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> BuildPlan:
     from torch.utils import cpp_extension
 
     if with_cuda is None:
-        with_cuda = torch.cuda.is_available() and cuda_buildable()
-    elif with_cuda and not cuda_buildable():
-        raise FusedOpUnavailable(
-            "cannot build the CUDA kernel: this torch has no CUDA or nvcc was not found; "
-            "install a CUDA build of torch and the CUDA toolkit (or set CUDA_HOME)."
-        )
+        with_cuda = torch.cuda.is_available() and (cuda_buildable() or _prebuilt(plan(True)) is not None)
+    if with_cuda and not cuda_buildable():
+        # No nvcc here (e.g. a runtime image): only a library baked by `vae-train
+        # build-ops --cuda` can serve, loaded as is.
+        prebuilt = _prebuilt(plan(True))
+        if prebuilt is None:
+            raise FusedOpUnavailable(
+                "cannot build the CUDA kernel: this torch has no CUDA or nvcc was not found; "
+                "install a CUDA build of torch and the CUDA toolkit (or set CUDA_HOME)."
+            )
+        try:
+            torch.ops.load_library(str(prebuilt))
+        except OSError as exc:
+            raise FusedOpUnavailable(
+                f"loading the prebuilt fused op {prebuilt} failed ({exc}); rebuild it with `vae-train build-ops --cuda`."
+            ) from exc
+        return plan(True)
     build_plan = plan(with_cuda)
     build_plan.build_dir.mkdir(parents=True, exist_ok=True)
     _put_ninja_on_path()

@@ -11,7 +11,7 @@
 
 #include <algorithm>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -49,11 +49,48 @@ struct Io<c10::Half> {
 constexpr int64_t kGrainElements = 32768;
 
 // Philox words of the 16 counters of one noise block: words[k * 16 + j] is word
-// k of counter first + j. The AVX2 version does 8 counters per register with
-// even/odd 32x32->64 multiplies (g++'s own vectorization of the 64-bit product
-// is shuffle-bound and ~3x slower); it must equal philox_group bit for bit,
-// which tests check through the scalar normal_at path.
-#if defined(__AVX2__)
+// k of counter first + j. The AVX-512 / AVX2 versions do 16 / 8 counters per
+// register with even/odd 32x32->64 multiplies (g++'s own vectorization of the
+// 64-bit product is shuffle-bound and ~3x slower); they must equal philox_group
+// bit for bit, which tests check through the scalar normal_at path.
+#if defined(__AVX512F__)
+inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+void philox_words(uint64_t seed, uint64_t first, uint32_t* words) {
+  static_assert(kNoiseLanes == 16, "one 512-bit register holds the 16 counters of a block");
+  alignas(64) uint32_t lo_words[kNoiseLanes], hi_words[kNoiseLanes];
+  for (int64_t j = 0; j < kNoiseLanes; ++j) {
+    const uint64_t counter = first + static_cast<uint64_t>(j);
+    lo_words[j] = static_cast<uint32_t>(counter);
+    hi_words[j] = static_cast<uint32_t>(counter >> 32);
+  }
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  __m512i c0 = _mm512_load_si512(lo_words), c1 = _mm512_load_si512(hi_words);
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo16(c0, m0, hi0, lo0);
+    mulhilo16(c2, m1, hi1, lo1);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c1 = lo1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  _mm512_storeu_si512(words, c0);
+  _mm512_storeu_si512(words + kNoiseLanes, c1);
+  _mm512_storeu_si512(words + 2 * kNoiseLanes, c2);
+  _mm512_storeu_si512(words + 3 * kNoiseLanes, c3);
+}
+#elif defined(__AVX2__)
 inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, m);
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
@@ -136,8 +173,8 @@ void noise_block(uint64_t seed, int64_t block, acc_t* __restrict out) {
 // CUDA kernel's path) instead of generating a whole block.
 constexpr int64_t kScalarPiece = 8;
 
-// Calls body(lo, hi, noise) for each piece [lo, hi) of [begin, end) inside one
-// noise block, where noise[i] is element i's normal (or its eps) as acc_t.
+// Calls body(lo, n, noise) for each piece [lo, lo + n) of [begin, end) inside one
+// noise block, where noise[k] is element lo + k's normal (or its eps) as acc_t.
 template <typename scalar_t, typename acc_t, typename Body>
 void for_each_block(int64_t begin, int64_t end, const scalar_t* eps, uint64_t seed, acc_t* buffer, Body body) {
   for (int64_t start = begin - begin % kNoiseBlock; start < end; start += kNoiseBlock) {
@@ -151,32 +188,33 @@ void for_each_block(int64_t begin, int64_t end, const scalar_t* eps, uint64_t se
     } else {
       noise_block(seed, start / kNoiseBlock, buffer);
     }
-    body(lo, hi, buffer - start);
+    body(lo, hi - lo, buffer + (lo - start));
   }
 }
 
-// True when every logvar of [lo, hi) is in the soft clamp's linear range, so the
+// True when every one of the n logvars is in the soft clamp's linear range, so the
 // element loops can skip the knee (the common case; NaN counts as inside and
 // propagates either way).
 template <typename scalar_t>
-bool all_linear(const scalar_t* __restrict logvar, int64_t lo, int64_t hi) {
+bool all_linear(const scalar_t* __restrict logvar, int64_t n) {
   int outside = 0;
 #pragma omp simd reduction(| : outside)
-  for (int64_t i = lo; i < hi; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     const auto x = Io<scalar_t>::load(logvar[i]);
     outside |= static_cast<int>(x < kLogvarLinearMin) | static_cast<int>(x > kLogvarLinearMax);
   }
   return outside == 0;
 }
 
-// Element loops as functions of restrict pointers: inside the lambdas below, the
-// captured pointers could alias the outputs and g++ would not vectorize.
+// Element loops over n elements as functions of restrict pointers: inside the
+// lambdas below, the captured pointers could alias the outputs and g++ would not
+// vectorize.
 template <bool kLinear, typename scalar_t, typename acc_t>
 acc_t forward_range(const scalar_t* __restrict mu, const scalar_t* __restrict logvar,
-                    const acc_t* __restrict noise, scalar_t* __restrict z, int64_t lo, int64_t hi) {
+                    const acc_t* __restrict noise, scalar_t* __restrict z, int64_t n) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = lo; i < hi; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     acc_t kl_i = 0;
     const acc_t z_i = forward_element<acc_t, kLinear>(Io<scalar_t>::load(mu[i]), Io<scalar_t>::load(logvar[i]),
                                                       noise[i], kl_i);
@@ -189,9 +227,9 @@ acc_t forward_range(const scalar_t* __restrict mu, const scalar_t* __restrict lo
 template <bool kLinear, typename scalar_t, typename acc_t>
 void backward_range(const scalar_t* __restrict grad_z, acc_t w, const scalar_t* __restrict mu,
                     const scalar_t* __restrict logvar, const acc_t* __restrict noise,
-                    scalar_t* __restrict grad_mu, scalar_t* __restrict grad_logvar, int64_t lo, int64_t hi) {
+                    scalar_t* __restrict grad_mu, scalar_t* __restrict grad_logvar, int64_t n) {
 #pragma omp simd
-  for (int64_t i = lo; i < hi; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     acc_t dmu, dlogvar;
     backward_element<acc_t, kLinear>(Io<scalar_t>::load(mu[i]), Io<scalar_t>::load(logvar[i]), noise[i],
                                      Io<scalar_t>::load(grad_z[i]), w, dmu, dlogvar);
@@ -212,9 +250,10 @@ void forward_cpu(const scalar_t* mu, const scalar_t* logvar, const scalar_t* eps
     for (int64_t p = first; p < last; ++p) {
       acc_t sum = 0;
       for_each_block(p * plane_size, (p + 1) * plane_size, eps, seed, buffer,
-                     [&](int64_t lo, int64_t hi, const acc_t* noise) {
-                       sum += all_linear(logvar, lo, hi) ? forward_range<true>(mu, logvar, noise, z, lo, hi)
-                                                         : forward_range<false>(mu, logvar, noise, z, lo, hi);
+                     [&](int64_t lo, int64_t n, const acc_t* noise) {
+                       sum += all_linear(logvar + lo, n)
+                                  ? forward_range<true>(mu + lo, logvar + lo, noise, z + lo, n)
+                                  : forward_range<false>(mu + lo, logvar + lo, noise, z + lo, n);
                      });
       kl_plane[p] = sum;
     }
@@ -237,11 +276,13 @@ void backward_cpu(const scalar_t* grad_z, const acc_t* grad_kl, const acc_t* gra
     for (int64_t p = first; p < last; ++p) {
       const acc_t w = grad_kl[p / channels] + grad_kl_plane[p];
       for_each_block(p * plane_size, (p + 1) * plane_size, eps, seed, buffer,
-                     [&](int64_t lo, int64_t hi, const acc_t* noise) {
-                       if (all_linear(logvar, lo, hi)) {
-                         backward_range<true>(grad_z, w, mu, logvar, noise, grad_mu, grad_logvar, lo, hi);
+                     [&](int64_t lo, int64_t n, const acc_t* noise) {
+                       if (all_linear(logvar + lo, n)) {
+                         backward_range<true>(grad_z + lo, w, mu + lo, logvar + lo, noise, grad_mu + lo,
+                                              grad_logvar + lo, n);
                        } else {
-                         backward_range<false>(grad_z, w, mu, logvar, noise, grad_mu, grad_logvar, lo, hi);
+                         backward_range<false>(grad_z + lo, w, mu + lo, logvar + lo, noise, grad_mu + lo,
+                                               grad_logvar + lo, n);
                        }
                      });
     }

@@ -1,0 +1,95 @@
+"""The exact-resume property with the real trainer: ``torchrun train.py``, 2 ranks, CPU, fp32, ZeRO-2.
+
+An uninterrupted run of 2N steps and a run SIGKILLed right after its step-N
+checkpoint committed to S3 (``tests/train_kill_after_save.py``), then resumed
+from S3 into an empty run dir with ``resume=auto``, end with bitwise-identical
+weights (real Fashion-MNIST shards, real SeaweedFS).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_train.export import consolidated_state_dict
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[1]
+N = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(shards: Path, run_dir: Path, env: dict[str, str], *overrides: str, script: str = "train.py") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), script, "--config", "configs/tiny.yaml",
+           f"data.train={shards}", f"data.val={shards}", f"run_dir={run_dir}", "distributed.zero_stage=2",
+           "distributed.precision=fp32", f"train.max_steps={2 * N}", "checkpoint.every_steps=5",
+           "logging.image_every=0", "logging.histogram_every=0", "resume=auto", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float = 300) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"training timed out:\n{out[-4000:]}") from None
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def _has(client, bucket: str, key: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except client.exceptions.ClientError:
+        return False
+
+
+def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server, s3_bucket, tmp_path):
+    env = s3_server.env()
+    remote = f"s3://{s3_bucket}/run"
+    client = s3_server.client()
+
+    reference = tmp_path / "reference"
+    _finish(_start(fashion_shards, reference, env))
+
+    # Same run, SIGKILLed right after its step-N checkpoint committed and uploaded to S3.
+    killed = _start(fashion_shards, tmp_path / "killed", {**env, "VAE_TEST_KILL_AFTER_STEP": str(N)},
+                    f"checkpoint.remote={remote}", script="tests/train_kill_after_save.py")
+    try:
+        out, _ = killed.communicate(timeout=300)
+    finally:
+        if killed.poll() is None:
+            os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, out[-4000:]
+    assert _has(client, s3_bucket, f"run/step-{N:08d}/manifest.json")
+    assert not _has(client, s3_bucket, f"run/step-{N + 5:08d}/manifest.json")
+
+    # Resume on a machine with nothing local: everything comes from S3.
+    resumed = tmp_path / "resumed"
+    log = _finish(_start(fashion_shards, resumed, env, f"checkpoint.remote={remote}"))
+    assert f"resumed from {resumed}/checkpoints/step-{N:08d} at step {N} (exact: same world size 2)" in log
+    assert s3_server.secret_key not in log
+
+    want, _ = consolidated_state_dict(reference / "checkpoints" / f"step-{2 * N:08d}")
+    got, _ = consolidated_state_dict(resumed / "checkpoints" / f"step-{2 * N:08d}")
+    assert sorted(want) == sorted(got)
+    different = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not different, f"weights differ after resume: {different[:5]}"

@@ -1,0 +1,141 @@
+"""The trainer as users run it: real multi-process DeepSpeed runs on CPU (gloo) on Fashion-MNIST shards.
+
+One module-scoped fixture trains ``configs/tiny.yaml`` once per ZeRO stage (2
+ranks under torchrun, 10 steps); the assertions share those runs. Tolerance for
+"the four stages give the same loss trajectory": every logged loss within a
+relative 1e-3 of ZeRO-0's (the stages differ only in how gradients are reduced
+and partitioned, i.e. in float summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+STAGES = (0, 1, 2, 3)
+TRAJECTORY_RTOL = 1e-3
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VAE_TRAIN_INJECT_NAN")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["train.py", "--config", "configs/tiny.yaml", f"run_dir={run_dir}", f"data.train={shards}",
+            f"data.val={shards}", *overrides]
+
+
+def _torchrun(shards: Path, run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_train_args(shards, run_dir, *overrides)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=240)
+
+
+def _rows(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["split"] == split]
+
+
+def _info(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run_info.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def zero_runs(fashion_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """ZeRO stages 0-3, fp32, 2 ranks, same seed: stage -> run dir."""
+    runs = {}
+    for stage in STAGES:
+        run_dir = tmp_path_factory.mktemp(f"zero{stage}")
+        result = _torchrun(fashion_shards, run_dir, f"distributed.zero_stage={stage}", "train.val_every=5")
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[stage] = run_dir
+    return runs
+
+
+def test_every_zero_stage_trains_with_two_ranks(zero_runs: dict[int, Path]) -> None:
+    for stage, run_dir in zero_runs.items():
+        info = _info(run_dir)
+        assert (info["world_size"], info["zero_stage"], info["backend"], info["precision"]) == (2, stage, "gloo", "fp32")
+        losses = [row["loss"] for row in _rows(run_dir)]
+        assert [row["step"] for row in _rows(run_dir)] == list(range(1, 11))
+        assert sum(losses[-3:]) / 3 < 0.95 * sum(losses[:3]) / 3, (stage, losses)  # the loss falls
+
+
+def test_zero_stages_give_the_same_loss_trajectory(zero_runs: dict[int, Path]) -> None:
+    reference = [row["loss"] for row in _rows(zero_runs[0])]
+    for stage in STAGES[1:]:
+        losses = [row["loss"] for row in _rows(zero_runs[stage])]
+        assert losses == pytest.approx(reference, rel=TRAJECTORY_RTOL), stage
+
+
+def test_tensorboard_has_scalars_images_and_histograms(zero_runs: dict[int, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = zero_runs[2]
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    expected = {f"train/{name}" for name in ("loss", "recon", "kl", "beta", "lr", "grad_norm", "skipped_steps",
+                                             "images_per_s", "data_wait_fraction", "bits_per_dim",
+                                             "active_channels")}
+    expected |= {"val/nelbo", "val/bits_per_dim"}
+    assert expected <= set(tags["scalars"])
+    assert len(events.Scalars("train/loss")) == 10
+    assert [e.step for e in events.Scalars("val/nelbo")] == [5, 10]
+    assert {"images/reconstructions", "images/samples"} <= set(tags["images"])
+    assert [e.step for e in events.Images("images/samples")][-1] == 10
+    assert "latent/kl_per_channel" in tags["histograms"]
+    for png in ("samples.png", "reconstructions.png"):
+        assert (run_dir / png).stat().st_size > 500
+
+
+@pytest.mark.timeout(400)
+def test_bf16_run(fashion_shards: Path, tmp_path: Path) -> None:
+    result = _torchrun(fashion_shards, tmp_path, "distributed.precision=bf16", "distributed.zero_stage=1",
+                       "train.max_steps=4")
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = _info(tmp_path)
+    assert (info["precision"], info["zero_stage"], info["world_size"]) == ("bf16", 1, 2)
+    losses = [row["loss"] for row in _rows(tmp_path)]
+    assert len(losses) == 4 and all(0 < loss < 1e4 for loss in losses)
+
+
+def test_accelerate_launch_runs_two_deepspeed_ranks_and_skips_a_nan_step_together(
+    fashion_shards: Path, tmp_path: Path
+) -> None:
+    """`accelerate launch` with the CPU config; rank 1's loss is NaN in step 3 (0-based)."""
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu.yaml",
+           *_train_args(fashion_shards, tmp_path, "train.max_steps=6")]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(VAE_TRAIN_INJECT_NAN="1:3"), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = _info(tmp_path)
+    assert (info["launcher"], info["world_size"], info["zero_stage"]) == ("accelerate", 2, 2)
+    for rank in (0, 1):
+        skips = [line for line in result.stderr.splitlines() if f"[rank {rank}] WARNING step" in line]
+        assert len(skips) == 1 and "step 3 skipped on every rank" in skips[0], result.stderr[-3000:]
+    skipped = {row["step"]: row["skipped_steps"] for row in _rows(tmp_path)}
+    assert skipped == {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1}
+    assert all(isinstance(row["loss"], float) for row in _rows(tmp_path) if row["step"] != 4)
+
+
+def test_consecutive_skips_stop_the_run_with_a_clear_error(fashion_shards: Path, tmp_path: Path) -> None:
+    # Every gradient norm is above the threshold, so every update is skipped.
+    cmd = [PYTHON, *_train_args(fashion_shards, tmp_path, "train.skip_grad_norm=1e-6", "train.max_consecutive_skips=3")]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "3 updates in a row were skipped (last at step 2: gradient norm" in result.stderr
+    assert "Traceback" not in result.stderr
