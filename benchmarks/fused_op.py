@@ -1,7 +1,9 @@
 """Fused reparameterization + KL op vs the textbook PyTorch code and torch.compile of it.
 
 Prints one table per (dtype, threads): forward and forward+backward time of
-eager PyTorch, ``torch.compile`` of the same code, and the fused op, each
+eager PyTorch, ``torch.compile`` of the same code (``compile``: inductor's
+defaults, which draw the noise with inductor's own, slow CPU generator;
+``compile-r``: ``fallback_random=True``, aten's randn), and the fused op, each
 one's ratio to the fused op, the bytes each keeps alive for backward, and the
 fused op against a floor measured in the same run (``torch.randn_like`` of the
 same size plus one copy of the inputs). Times are the best of ``--repeats``
@@ -81,6 +83,8 @@ def run_config(shape, dtype, threads: int, repeats: int, with_compile: bool) -> 
     impls: dict[str, Callable] = {"eager": textbook}
     if with_compile:
         impls["compile"] = torch.compile(textbook, dynamic=False)
+        # Inductor's own CPU random numbers are slow; aten's randn is the stronger baseline.
+        impls["compile-r"] = torch.compile(textbook, dynamic=False, options={"fallback_random": True})
     impls["fused"] = fused
 
     def forward(fn):
@@ -135,8 +139,9 @@ def check_goals(results: dict[tuple[str, int], dict[str, dict[str, float]]], wit
     eager_x = fp32_1["eager"]["fwdbwd"] / fp32_1["fused"]["fwdbwd"]
     goal(f"fp32 1 thread: fused fwd+bwd {eager_x:.2f}x faster than eager (>= 3)", eager_x >= 3)
     if with_compile:
-        compile_x = fp32_1["compile"]["fwdbwd"] / fp32_1["fused"]["fwdbwd"]
-        goal(f"fp32 1 thread: fused fwd+bwd {compile_x:.2f}x faster than torch.compile (> 1)", compile_x > 1)
+        best_compile = min(fp32_1["compile"]["fwdbwd"], fp32_1["compile-r"]["fwdbwd"])
+        compile_x = best_compile / fp32_1["fused"]["fwdbwd"]
+        goal(f"fp32 1 thread: fused fwd+bwd {compile_x:.2f}x faster than the best torch.compile (> 1)", compile_x > 1)
     for (dtype, threads), rows in results.items():
         floor_x = rows["fused"]["fwdbwd"] / rows["floor"]["fwd"]
         goal(f"{dtype} {threads} thread(s): fused fwd+bwd {floor_x:.2f}x the floor (<= 2)", floor_x <= 2)

@@ -63,9 +63,10 @@ def quality(args: argparse.Namespace, work: Path, shards: Path, log: Path) -> di
     checkpoint = _train(args.config, shards, work / "main-run", args.steps, args.overrides, log)
     full, iw = work / "eval-full.json", work / "eval-iw.json"
     _vae_train("eval", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--out", str(full), log=log)
-    batches = max(1, args.iw_images // 100)
+    batch = min(100, args.iw_images)
     _vae_train("eval", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--out", str(iw),
-               "--iw-samples", str(args.iw_samples), "--batch-size", "100", "--max-batches", str(batches), log=log)
+               "--iw-samples", str(args.iw_samples), "--batch-size", str(batch),
+               "--max-batches", str(max(1, args.iw_images // batch)), log=log)
     return {"full": json.loads(full.read_text()), "iw": json.loads(iw.read_text())}
 
 
@@ -79,7 +80,8 @@ def one_class(args: argparse.Namespace, work: Path, shards: Path, log: Path) -> 
         class_shards = work / f"class{c}-shards"
         _vae_train("prepare", "arrays", str(npz), "--out", str(class_shards), "--workers", "1",
                    "--val-fraction", "0.05", "--no-progress", "--overwrite", log=log)
-        checkpoint = _train(args.config, class_shards, work / f"class{c}-run", args.anomaly_steps, args.overrides, log)
+        overrides = args.overrides + args.anomaly_overrides.split()
+        checkpoint = _train(args.config, class_shards, work / f"class{c}-run", args.anomaly_steps, overrides, log)
         metrics = work / f"class{c}-score.json"
         _vae_train("score", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--normal-classes", str(c),
                    "--out", str(work / f"class{c}-scores.csv"), "--metrics-out", str(metrics),
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--iw-images", type=int, default=500, help="test images the IWAE bound is computed on")
     parser.add_argument("--anomaly-steps", type=int, default=300, help="training budget per one-class model")
     parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="classes of the one-class benchmark ('' = skip)")
+    parser.add_argument("--anomaly-overrides", default="", help="extra overrides for the one-class runs, e.g. 'train.global_batch_size=32'")
     parser.add_argument("--anomaly-test-images", type=int, default=2000, help="test images scored per class (0 = all 10,000)")
     parser.add_argument("--work-dir", default=None, help="keep shards, runs and logs here (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every training run, e.g. model.base_channels=16")
@@ -139,8 +142,8 @@ def main() -> None:
     if aurocs:
         print()
         scored = args.anomaly_test_images or 10000
-        print(f"one-class anomaly detection: {args.anomaly_steps} steps per class ({anomaly_s / 60:.1f} min), "
-              f"score = negative ELBO bits/dim on the first {scored} test images")
+        print(f"one-class anomaly detection: {args.anomaly_steps} steps per class {args.anomaly_overrides} "
+              f"({anomaly_s / 60:.1f} min), score = negative ELBO bits/dim on the first {scored} test images")
         print(f"{'normal class':24s} {'AUROC':>8s}")
         for c, value in aurocs.items():
             print(f"{f'{c} {CLASS_NAMES[c]}':24s} {value:8.4f}")

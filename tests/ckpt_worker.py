@@ -53,7 +53,8 @@ def _full_state(engine) -> dict[str, Any]:
 
     out = {}
     for name, p in engine.module.named_parameters():
-        out[f"w/{name}"] = safe_get_full_fp32_param(p).detach().clone()
+        full = safe_get_full_fp32_param(p)  # None without ZeRO: the parameter itself is full
+        out[f"w/{name}"] = (p if full is None else full).detach().clone()
         for key in ("exp_avg", "exp_avg_sq"):
             state = safe_get_full_optimizer_state(p, key)
             if state is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import time
 from pathlib import Path
 
@@ -61,15 +60,14 @@ def _val(data: DataConfig, rank: int = 0, world_size: int = 1, batch: int = 16):
                             rank=rank, world_size=world_size, s3_cfg=None)
 
 
-def test_damaged_training_data_is_skipped_counted_and_named(damaged: Path, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="vae_train.data")
+def test_damaged_training_data_is_skipped_counted_and_named(damaged: Path, data_log) -> None:
     stream = _train(DataConfig(train=str(damaged), num_workers=0, shuffle_buffer=10))
     keys = [k for _ in range(60) for k in next(stream)["key"]]
     assert not {"b_0003", "b_0005", "b_0007"} & set(keys) and any(k.startswith("c_") for k in keys)
     skipped = stream.stats()["skipped"]
     assert skipped["undecodable"] >= 1 and skipped["size"] >= 1 and skipped["mode"] >= 1
     assert skipped["shard_error"] >= 1
-    text = caplog.text
+    text = data_log.text
     assert "'b_0003'" in text and "train-000001.tar" in text  # warnings name key and shard
     assert "train-000002.tar" in text
 

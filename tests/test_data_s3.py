@@ -109,7 +109,7 @@ def test_object_deleted_mid_run_is_skipped(s3_env, s3_shards) -> None:
     assert stream.stats()["skipped"]["shard_error"] >= 1
 
 
-def test_sliced_prepare_to_s3_and_resume(s3_env, s3_shards, caplog) -> None:
+def test_sliced_prepare_to_s3_and_resume(s3_env, s3_shards, data_log) -> None:
     _, local = s3_shards
     bucket = s3_env.new_bucket()
     out = f"s3://{bucket}/sliced"
@@ -121,9 +121,8 @@ def test_sliced_prepare_to_s3_and_resume(s3_env, s3_shards, caplog) -> None:
     assert index == (local / "index.json").read_bytes()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert not [k for k in keys if "_slices" in k]
-    caplog.set_level("INFO", logger="vae_train.data")
     assert main([*PREPARE, "--out", out]) == 0  # everything is there: nothing re-uploaded
-    assert "resuming: 13 of 13 shard(s) already written" in caplog.text
+    assert "resuming: 13 of 13 shard(s) already written" in data_log.text
     assert client.get_object(Bucket=bucket, Key="sliced/index.json")["Body"].read() == index
 
 

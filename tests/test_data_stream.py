@@ -92,8 +92,7 @@ def test_ranks_get_distinct_deterministic_streams_and_equal_epochs(fashion_shard
     streams = [_train(data, rank=r, world_size=2) for r in (0, 1)]
     assert {s.steps_per_epoch for s in streams} == {-(-2700 // 64)}
     rank0, rank1 = _take(streams[0], 5), _take(streams[1], 5)
-    assert {k for b in rank0 for k in b["key"]}.isdisjoint({k for b in rank1 for k in b["key"]}) or \
-        [b["key"] for b in rank0] != [b["key"] for b in rank1]
+    assert [b["key"] for b in rank0] != [b["key"] for b in rank1]  # seeds differ per rank
     _same(rank0, _take(_train(data, rank=0, world_size=2), 5))
     assert [b["key"] for b in _take(_train(data, rank=0, world_size=2, seed=8), 5)] != [b["key"] for b in rank0]
 

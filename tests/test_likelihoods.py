@@ -78,8 +78,9 @@ def _logistic_log_mass_reference(k: torch.Tensor, loc: torch.Tensor, log_scale: 
         x = mpmath.mpf(ki) / mpmath.mpf("127.5") - 1
         s = mpmath.exp(mpmath.mpf(si))
 
-        def cdf(v: mpmath.mpf, sign: int = 1) -> mpmath.mpf:  # sign=-1: the survival function
-            return 1 / (1 + mpmath.exp(-sign * (v - mpmath.mpf(mi)) / s))
+        def cdf(v: mpmath.mpf, sign: int = 1, loc: float = mi, scale: mpmath.mpf = s) -> mpmath.mpf:
+            """The logistic CDF (sign=-1: the survival function)."""
+            return 1 / (1 + mpmath.exp(-sign * (v - mpmath.mpf(loc)) / scale))
 
         upper, lower = x + mpmath.mpf(1) / 255, x - mpmath.mpf(1) / 255
         if x <= mi:  # CDF(upper) - CDF(lower), both small

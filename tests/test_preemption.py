@@ -39,7 +39,7 @@ def test_signal_sets_flag_instead_of_killing(saved_handlers: None) -> None:
             time.sleep(0.01)
         assert handler.requested and handler.signal_name == "SIGUSR1"
         assert 0 <= handler.seconds_since_signal() < 5
-        assert not handler.any_rank_requested() is False  # no process group: the local flag
+        assert handler.any_rank_requested() is True  # no process group: the local flag
     # After a request the process is shutting down: further signals stay harmless.
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
@@ -166,3 +166,33 @@ def test_requeue_of_a_job_that_forbids_it_is_a_warning_not_a_crash(slurm_cluster
     text = out.read_text()
     assert "requeued: False" in text and "was the job submitted with --requeue?" in text, text
     assert slurm_cluster.job_info(job)["Restarts"] == "0"
+
+
+@pytest.mark.timeout(120)
+def test_a_cancelled_job_is_not_requeued(slurm_cluster, tmp_path: Path) -> None:
+    """`scancel` sends SIGTERM too: the trainer checkpoints, but the user's cancel must stick."""
+    script = tmp_path / "job.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        PYTHONPATH={REPO} exec {sys.executable} -c '
+        import logging, time; logging.basicConfig(level=logging.INFO)
+        from vae_train.preemption import PreemptionHandler, requeue_if_slurm
+        with PreemptionHandler() as handler:
+            print("ready", flush=True)
+            while not handler.requested:
+                time.sleep(0.05)
+        print("requeued:", requeue_if_slurm(1, 10, rank=0), flush=True)'
+        """))
+    out = tmp_path / "out.txt"
+    job = slurm_cluster.sbatch("--requeue", "--output", str(out), "--chdir", str(tmp_path), str(script))
+    deadline = time.monotonic() + 60
+    while not (out.exists() and "ready" in out.read_text()):
+        assert time.monotonic() < deadline, out.read_text() if out.exists() else "no output"
+        time.sleep(0.1)
+    slurm_cluster.run("scancel", str(job))
+    assert slurm_cluster.wait_done(job, timeout=60) == "CANCELLED"
+    time.sleep(2)  # a requeue would show up here as PENDING with Restarts=1
+    info = slurm_cluster.job_info(job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
+    text = out.read_text()
+    assert "requeued: False" in text and "not RUNNING" in text, text

@@ -82,17 +82,22 @@ def test_train_sbatch_runs_two_ranks_and_commits_checkpoints_to_s3(
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize(("mode", "signal_name"), [("torchrun", "USR1"), ("srun", "TERM")])
+@pytest.mark.parametrize(("mode", "signal_name", "workers"), [("torchrun", "USR1", 0), ("srun", "TERM", 1)])
 def test_signalled_job_checkpoints_requeues_and_resumes_from_s3_exactly_once(
         cluster: SlurmCluster, s3_server: S3Server, fashion_shards: Path, tmp_path: Path,
-        mode: str, signal_name: str) -> None:
-    """USR1 (time-limit warning) or TERM (preemption) mid-run: every step is trained exactly once."""
+        mode: str, signal_name: str, workers: int) -> None:
+    """USR1 (time-limit warning) or TERM (preemption) mid-run: every step is trained exactly once.
+
+    With a DataLoader worker per rank, the job-wide signal also reaches the workers,
+    which must survive it while their trainer saves.
+    """
     max_steps = 40
     bucket = s3_server.new_bucket()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     job = _submit_train(cluster, s3_server, bucket, run_dir, mode,
-                        [f"train.max_steps={max_steps}", "checkpoint.every_steps=15"], fashion_shards)
+                        [f"train.max_steps={max_steps}", "checkpoint.every_steps=15",
+                         f"data.num_workers={workers}"], fashion_shards)
 
     deadline = time.monotonic() + 180
     while len(_train_steps(run_dir)) < 3:

@@ -75,6 +75,8 @@ def test_every_zero_stage_trains_with_two_ranks(zero_runs: dict[int, Path]) -> N
 
 
 def test_zero_stages_give_the_same_loss_trajectory(zero_runs: dict[int, Path]) -> None:
+    # Same seed and data; the runs must also have used the same reparameterization kernel.
+    assert len({_info(run_dir)["reparam_backend"] for run_dir in zero_runs.values()}) == 1
     reference = [row["loss"] for row in _rows(zero_runs[0])]
     for stage in STAGES[1:]:
         losses = [row["loss"] for row in _rows(zero_runs[stage])]

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vae_train.errors import VaeTrainError
-from vae_train.storage import ObjectStore, StorageError, open_store, parse_uri, retry
+from vae_train.storage import ObjectStore, StorageError, backoff_delay, open_store, retry
 
 if TYPE_CHECKING:
     from vae_train.config import Config
@@ -88,6 +88,8 @@ STEP_RE = re.compile(r"^step-(\d{8,})$")
 UNIVERSAL_DIR = ".universal"
 #: Niceness of the upload threads (training keeps priority on a busy node).
 UPLOAD_NICE = 10
+#: Longest pause between upload retries: an outage is noticed within this long after it ends.
+RETRY_CAP_S = 15.0
 #: Model-config keys that do not change the parameters (safe to differ on resume).
 RUNTIME_ONLY_MODEL_KEYS = frozenset({"reparam"})
 _OWNER_RES = (re.compile(r"zero_pp_rank_(\d+)_"), re.compile(r"\.rank(\d+)\."))
@@ -529,7 +531,7 @@ class _Uploader:
         if self._stop.is_set():
             return
         committed = retry(lambda: self.store.put_bytes(job.manifest.to_json(), f"{name}/{MANIFEST}", if_none_match=True),
-                          what=f"commit of {name}", attempts=0, cap_s=30, should_stop=self._stop.is_set)
+                          what=f"commit of {name}", attempts=0, cap_s=RETRY_CAP_S, should_stop=self._stop.is_set)
         if not committed:
             existing = Manifest.from_json(self.store.get_bytes(f"{name}/{MANIFEST}"), f"{self.store.uri}/{name}")
             if not existing.same_content(job.manifest):
@@ -556,7 +558,7 @@ class _Uploader:
             if not self._matches(key, entry):
                 raise OSError(f"{key}: the stored object does not match the local file after upload")
 
-        retry(attempt, what=f"upload of {key} to {self.store.uri}", attempts=0, cap_s=30,
+        retry(attempt, what=f"upload of {key} to {self.store.uri}", attempts=0, cap_s=RETRY_CAP_S,
               should_stop=self._stop.is_set)
 
     def _matches(self, key: str, entry: FileEntry) -> bool:
@@ -571,7 +573,7 @@ class _Uploader:
         name = step_name(job.step)
         others = {rel: e for rel, e in job.manifest.files.items() if rel not in job.files}
         deadline = time.monotonic() + self.peer_timeout_s
-        delay = 0.2
+        attempt = 0
         while others and not self._stop.is_set():
             others = {rel: e for rel, e in others.items() if not self._safe_matches(f"{name}/{rel}", e)}
             if not others:
@@ -579,8 +581,8 @@ class _Uploader:
             if time.monotonic() > deadline:
                 raise CheckpointError(f"files of other ranks never arrived within {self.peer_timeout_s:.0f}s: "
                                       f"{sorted(others)[:3]}")
-            time.sleep(random.uniform(0, delay))
-            delay = min(delay * 2, 10.0)
+            attempt += 1
+            time.sleep(backoff_delay(attempt, 0.1, 5.0))
 
     def _safe_matches(self, key: str, entry: FileEntry) -> bool:
         try:
@@ -644,8 +646,8 @@ class CheckpointManager:
 
     def _check_access_everywhere(self) -> None:
         error = None
-        try:
-            self.store.check_access(write=True)
+        try:  # one write probe per node is enough; every rank checks it can reach and read the bucket
+            self.store.check_access(write=self.local_rank == 0)
         except StorageError as exc:
             error = str(exc)
         errors = [e for e in _all_gather_json(error) if e]
@@ -684,7 +686,7 @@ class CheckpointManager:
         if self.local_rank == 0 and ckpt_dir.exists():
             if (ckpt_dir / MANIFEST).exists():
                 log.warning("overwriting existing checkpoint %s", ckpt_dir)
-            shutil.rmtree(ckpt_dir)  # a leftover of a killed save: never mix old and new files
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # a killed save's leftovers: never mix old and new
         _barrier()
         self.engine.save_checkpoint(str(self.root), tag=name, save_latest=False)
         self._write_trainer_state(ckpt_dir, step, trainer_state)
@@ -1001,7 +1003,11 @@ def convert_to_universal(src: Path, dest: Path) -> None:
     try:
         with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):
             ds_to_universal.main(args)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # else another node on a shared filesystem finished first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,8 +18,14 @@ instead:
    from the newest committed checkpoint;
 4. returns normally (exit code 0).
 
-``scontrol requeue`` itself sends SIGTERM to the job: the still-installed
-handler absorbs it, so the ranks finish exiting cleanly.
+``scontrol requeue`` itself sends SIGTERM to the job: the handler (which turns
+into "ignore" once a signal was received) absorbs it, so the ranks finish
+exiting cleanly. A plain ``scancel`` also arrives as SIGTERM: the run still
+saves its checkpoint, but it is not requeued (see :func:`requeue_if_slurm`).
+
+DataLoader workers and other helper processes get the same job-wide signals;
+start them with :func:`shield_worker_from_job_signals` so they do not die under
+the trainer while it checkpoints.
 
 Usage in the training loop::
 
@@ -196,12 +202,30 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+def _job_state(scontrol: str, job_id: str) -> str | None:
+    """The job's state as the controller sees it now (``RUNNING``, ``COMPLETING``...), or None."""
+    try:
+        out = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True,
+                             text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return None
+    for field in out.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None
+
+
 def requeue_if_slurm(step: int, max_steps: int, rank: int | None = None) -> bool:
     """Requeue this SLURM job so it resumes later; return True when a requeue was requested.
 
     Call it after the preemption checkpoint has committed (on all ranks, it acts
-    on global rank 0 only). It does nothing outside SLURM, on other ranks, or when
-    the run already reached ``max_steps`` (a finished run must not start again).
+    on global rank 0 only). It does nothing outside SLURM, on other ranks, when
+    the run already reached ``max_steps`` (a finished run must not start again),
+    or when the job is no longer RUNNING: after a plain ``scancel`` the job is
+    COMPLETING and a requeue would turn the user's cancel into a restart (SLURM
+    accepts it). So the time-limit warning (``--signal=USR1@N``) and signals that
+    leave the job running (``scancel --signal=USR1|TERM``) requeue; a cancel does
+    not, and preemption with ``PreemptMode=REQUEUE`` is requeued by SLURM itself.
     A failed requeue is logged, not raised: the checkpoint is safe either way and
     the user can resubmit.
     """
@@ -217,6 +241,13 @@ def requeue_if_slurm(step: int, max_steps: int, rank: int | None = None) -> bool
     if scontrol is None:
         log.warning("cannot requeue SLURM job %s: scontrol not found on PATH; resubmit it "
                     "to resume from the last checkpoint", job_id)
+        return False
+    state = _job_state(scontrol, job_id)
+    if state not in (None, "RUNNING"):
+        # COMPLETING/CANCELLED: the user ran `scancel` (or the time limit hit, or SLURM
+        # preempts with its own requeue): a requeue now would undo the user's cancel.
+        log.info("not requeueing SLURM job %s: it is %s, not RUNNING (cancelled, timed out, or "
+                 "requeued by SLURM itself); resubmit it to resume", job_id, state)
         return False
     try:
         out = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True,

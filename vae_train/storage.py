@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Our own random stream for retry jitter: drawing from the global ``random`` in a background
+#: thread would perturb the training process's RNG state (and with it exact resume).
+_JITTER = random.Random()
 
 #: Files at or above this size are uploaded/downloaded in parallel parts.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
@@ -126,9 +129,14 @@ def retry(
         except retry_on as exc:
             if (attempts > 0 and attempt >= attempts) or (should_stop is not None and should_stop()):
                 raise
-            delay = random.uniform(0, min(cap_s, base_s * 2 ** (attempt - 1)))
+            delay = backoff_delay(attempt, base_s, cap_s)
             log.warning("%s failed (attempt %d): %s; retrying in %.1fs", what, attempt, _describe(exc), delay)
             time.sleep(delay)
+
+
+def backoff_delay(attempt: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
+    """Full-jitter exponential backoff: ``uniform(0, min(cap, base * 2**(attempt-1)))`` seconds."""
+    return _JITTER.uniform(0, min(cap_s, base_s * 2 ** (attempt - 1)))
 
 
 def _describe(exc: BaseException) -> str:

@@ -291,7 +291,7 @@ class _Window:
 
 @contextlib.contextmanager
 def _evaluating(engine: Engine) -> Iterator[torch.nn.Module]:
-    """The model in eval mode with whole parameters (gathered under ZeRO-3), no autograd.
+    """The model in eval mode with whole parameters (gathered under ZeRO-3), no autograd, autocast.
 
     Every rank must enter it together: under ZeRO-3 gathering is a collective.
     """
@@ -301,10 +301,15 @@ def _evaluating(engine: Engine) -> Iterator[torch.nn.Module]:
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    # Reduced-precision weights: autocast lets float32 inputs made inside the model
+    # (prior samples) meet bf16/fp16 layers.
+    autocast: Any = contextlib.nullcontext()
+    if engine.compute_dtype != torch.float32:
+        autocast = torch.autocast(engine.device.type, dtype=engine.compute_dtype)
     was_training = module.training
     module.eval()
     try:
-        with gather, torch.no_grad():
+        with gather, autocast, torch.no_grad():
             yield module
     finally:
         module.train(was_training)
@@ -350,8 +355,11 @@ def _final_grids(engine: Engine, logger: RunLogger, probe: torch.Tensor, value_r
 
 def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_from: str | None) -> None:
     """``run_info.json`` and ``config.yaml`` in the run dir, and one summary line (rank 0)."""
+    from vae_train import ops
+
     info = engine.info()
-    info.update(parameters=num_parameters, resumed_from=resumed_from)
+    reparam = ops.backend() if cfg.model.reparam == "fused" else "reference"
+    info.update(parameters=num_parameters, reparam_backend=reparam, resumed_from=resumed_from)
     if engine.env.rank != 0:
         return
     run_dir = Path(cfg.run_dir)
@@ -360,8 +368,8 @@ def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_fr
     cfg.save(run_dir / "config.yaml")
     log.info(
         "engine: launcher=%s world_size=%d zero_stage=%d precision=%s backend=%s device=%s global_batch=%d "
-        "micro_batch=%d grad_accum=%d threads/rank=%d parameters=%d",
+        "micro_batch=%d grad_accum=%d threads/rank=%d parameters=%d reparam=%s",
         info["launcher"], info["world_size"], info["zero_stage"], info["precision"], info["backend"],
         info["device"], info["global_batch_size"], info["micro_batch_size"], info["grad_accum_steps"],
-        info["omp_num_threads"], info["parameters"],
+        info["omp_num_threads"], info["parameters"], info["reparam_backend"],
     )

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise VaeTrainError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist; create it first")
 
-    steps = list(range(cfg.train.max_steps + 1))
+    steps = list(range(cfg.train.max_steps))  # the steps a run takes: 0 .. max_steps - 1
     beta, lr_mult = build_beta_schedule(cfg), build_lr_schedule(cfg)
     fig, (ax_beta, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     ax_beta.plot(steps, [beta(s) for s in steps])
