@@ -23,6 +23,7 @@ from vae_train.engine import (
     apply_launcher_settings,
     build_deepspeed_config,
     check_compatibility,
+    choose_device,
     detect_launch_env,
     load_user_deepspeed_config,
     merge_deepspeed_config,
@@ -192,6 +193,13 @@ def test_fp16_and_fused_adam_need_a_gpu() -> None:
     check_compatibility(config_from_dict({"distributed": {"precision": "bf16"}}), cpu)
 
 
+def test_backend_follows_the_device() -> None:
+    env = detect_launch_env({})
+    assert choose_device(env, "auto") == (torch.device("cpu"), "gloo")
+    with pytest.raises(EngineError, match="backend=nccl needs GPUs"):
+        choose_device(env, "nccl")
+
+
 def test_cpu_threads_are_shared_between_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     env = detect_launch_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
@@ -289,3 +297,14 @@ def test_global_batch_not_dividing_stops_both_torchrun_ranks(tmp_path: Path) -> 
     assert result.returncode != 0
     assert result.stderr.count("global_batch_size=15 does not divide") == 2, result.stderr[-3000:]
     assert "vae_train/engine.py" not in result.stderr  # torchrun reports the failure; the ranks print no traceback
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_one_bigger_micro_batch() -> None:
+    """2 ranks, ZeRO-2: 2 micro-batches of 2 per step give the gradients of 1 micro-batch of 4."""
+    result = _run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "tests/engine_accum_worker.py", "2"], {})
+    assert result.returncode == 0, result.stderr[-3000:]
+    norms = json.loads(result.stdout.strip().splitlines()[-1])
+    assert norms["2"] == pytest.approx(norms["1"], rel=1e-5)
+    assert len(set(norms["1"])) == 3  # three different steps really happened

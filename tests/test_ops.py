@@ -190,18 +190,18 @@ def test_fixed_generator_gives_identical_samples_and_advances():
     assert torch.equal(z3, z4)
 
 
-def test_noise_depends_only_on_the_flat_index_whatever_the_layout():
-    """Planes of one element take the scalar per-element path (the CUDA kernel's),
-    long planes the vectorized 64-element blocks: both must draw the same eps."""
+def test_noise_depends_only_on_the_flat_index_and_equals_the_gpu_path():
+    """eps of element i is normal_at(seed, i), whatever the layout: long planes, planes
+    of one element (blocks shared between planes) and odd sizes all draw the same
+    numbers as the per-element generator the CUDA kernel runs."""
     n = 64 * 9 + 13
-    mu = torch.zeros(n)
-    logvar = torch.zeros(n)
-    samples = []
-    for shape in [(n,), (1, 1, n), (n, 1), (1, n, 1)]:
-        z, _ = reparam_kl(mu.view(shape), logvar.view(shape), generator=torch.Generator().manual_seed(2))
-        samples.append(z.reshape(n))
-    for z in samples[1:]:
-        assert torch.equal(z, samples[0])
+    seed = torch.tensor(987654321987)
+    expected = torch.ops.vae_train_ops.normal_at(seed, n)
+    for shape in [(n,), (1, 1, n), (n, 1), (1, n, 1), (n // 7, 7, 1)]:
+        count = math.prod(shape)
+        zeros = torch.zeros(shape)
+        z, _, _ = torch.ops.vae_train_ops.reparam_kl_fwd(zeros, zeros, None, seed)
+        assert torch.equal(z.reshape(count), expected[:count]), shape
 
 
 def test_generated_noise_is_standard_normal():
@@ -318,4 +318,20 @@ def test_torch_compile_fullgraph_treats_the_op_as_opaque():
     got = torch.autograd.grad(compiled(mu, logvar, eps), (mu, logvar))
     want = torch.autograd.grad(loss(mu, logvar, eps), (mu, logvar))
     for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    mu, logvar, _ = _inputs((16, 8, 12, 12))
+    grads = _loss_grads((16, 8, 12, 12), 16, 8, torch.float32)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs = reparam_kl(mu, logvar, generator=torch.Generator().manual_seed(1), return_per_channel=True)
+            runs.append([o.detach() for o in outs] + list(torch.autograd.grad(outs, (mu, logvar), grads)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*runs):
         assert torch.equal(a, b)

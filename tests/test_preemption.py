@@ -106,7 +106,7 @@ _WORKER_SCRIPT = textwrap.dedent("""
     handler = PreemptionHandler().install()
     shield = shield_worker_from_job_signals if sys.argv[1] == "shield" else None
     batches = iter(DataLoader(Counting(), batch_size=2, num_workers=2, worker_init_fn=shield))
-    next(batches)
+    next(batches), next(batches)  # in-order batches: both workers are up (init_fn done)
     workers = [str(w.pid) for w in batches._workers]
     # What SLURM does on preemption: the signal goes to every process of the step.
     subprocess.run(["kill", "-TERM", str(os.getpid()), *workers], check=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,13 +105,21 @@ def test_tensorboard_has_scalars_images_and_histograms(zero_runs: dict[int, Path
         assert (run_dir / png).stat().st_size > 500
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.timeout(400)
-def test_bf16_run(fashion_shards: Path, tmp_path: Path) -> None:
-    result = _torchrun(fashion_shards, tmp_path, "distributed.precision=bf16", "distributed.zero_stage=1",
-                       "train.max_steps=4")
+def test_bf16_run_under_the_deepspeed_launcher(fashion_shards: Path, tmp_path: Path) -> None:
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           *_train_args(fashion_shards, tmp_path, "distributed.precision=bf16", "distributed.zero_stage=1",
+                        "train.max_steps=4")]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     info = _info(tmp_path)
-    assert (info["precision"], info["zero_stage"], info["world_size"]) == ("bf16", 1, 2)
+    assert (info["launcher"], info["precision"], info["zero_stage"], info["world_size"]) == ("deepspeed", "bf16", 1, 2)
     losses = [row["loss"] for row in _rows(tmp_path)]
     assert len(losses) == 4 and all(0 < loss < 1e4 for loss in losses)
 

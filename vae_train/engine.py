@@ -609,11 +609,24 @@ class Engine:
         return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch (DeepSpeed divides by the accumulation steps)."""
+        """Backward of one micro-batch (DeepSpeed divides by the accumulation steps).
+
+        DeepSpeed counts micro-batches in its ``step()``: off the accumulation
+        boundary that call only advances the count (no reduction, no update), so
+        it is made here; the boundary's ``step()`` is :meth:`step`.
+        """
+        boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.backward(loss)
+        if not boundary:
+            self.ds.step()
 
     def step(self, global_step: int, loss_is_finite: bool) -> StepDecision:
-        """Finish the optimizer step ``global_step`` (0-based) on every rank; returns the shared decision."""
+        """Finish the optimizer step ``global_step`` (0-based) on every rank; returns the shared decision.
+
+        Call it after the backward of the last micro-batch of the step.
+        """
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("Engine.step() called before the last micro-batch's backward of the step")
         lr = self.lr_at(global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

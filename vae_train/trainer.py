@@ -201,6 +201,7 @@ def train(cfg: Config) -> TrainResult:
                 checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
             logger.info(f"done: {step} steps, {skipped_total} skipped; samples and reconstructions in {cfg.run_dir}")
     finally:
+        train_stream.close()
         logger.close()
         checkpoints.close()
     return TrainResult(step, skipped_total, last_loss, preempted)

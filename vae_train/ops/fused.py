@@ -6,10 +6,11 @@ single opaque op. Here we attach what C++ does not provide: the backward formula
 (one call to the fused backward kernel for dz, dKL and dKL-per-channel together)
 and shape functions for fake tensors.
 
-Saved for backward: mu and logvar (plus the 8-byte seed on ctx). The noise is regenerated
-from the seed in the backward kernel instead of being stored, so the op keeps
-half the bytes alive that the textbook code does (which stores sigma,
-exp(logvar), eps and mu). When the caller passes ``eps`` it is saved as well.
+Saved for backward: mu and logvar (plus the 8-byte seed on ctx). The noise is
+regenerated from the seed in the backward kernel instead of being stored, so
+the op keeps half the bytes alive that the textbook code does (which stores
+sigma, exp(logvar), eps and mu). When the caller passes ``eps`` it is saved too.
+Double backward is not supported (the backward op has no autograd formula).
 """
 
 from __future__ import annotations

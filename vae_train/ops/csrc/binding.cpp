@@ -98,6 +98,12 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu_op(const at::Tensor& grad_z, con
   return {grad_mu, grad_logvar};
 }
 
+at::Tensor normal_at_op(const at::Tensor& seed, int64_t n) {
+  at::Tensor out = at::empty({n}, at::kFloat);
+  normal_at_cpu(seed_of(seed), out.mutable_data_ptr<float>(), n);
+  return out;
+}
+
 #ifdef VAE_TRAIN_WITH_CUDA
 int cuda_dtype(at::ScalarType t) {
   switch (t) {
@@ -169,11 +175,14 @@ TORCH_LIBRARY(vae_train_ops, m) {
   m.def(
       "reparam_kl_bwd(Tensor grad_z, Tensor grad_kl, Tensor grad_kl_per_channel, Tensor mu, Tensor logvar, "
       "Tensor? eps, Tensor seed) -> (Tensor, Tensor)");
+  // For tests: the noise of elements 0..n-1 computed one by one, as on the GPU.
+  m.def("normal_at(Tensor seed, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vae_train_ops, CPU, m) {
   m.impl("reparam_kl_fwd", &forward_cpu_op);
   m.impl("reparam_kl_bwd", &backward_cpu_op);
+  m.impl("normal_at", &normal_at_op);
 }
 
 #ifdef VAE_TRAIN_WITH_CUDA

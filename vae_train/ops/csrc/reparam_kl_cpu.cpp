@@ -169,24 +169,23 @@ void noise_block(uint64_t seed, int64_t block, acc_t* __restrict out) {
   }
 }
 
-// Pieces shorter than this take their noise element by element (normal_at, the
-// CUDA kernel's path) instead of generating a whole block.
-constexpr int64_t kScalarPiece = 8;
-
 // Calls body(lo, n, noise) for each piece [lo, lo + n) of [begin, end) inside one
 // noise block, where noise[k] is element lo + k's normal (or its eps) as acc_t.
+// `cached` remembers which block `buffer` holds, so planes smaller than a block
+// (e.g. 7x7 latents, or [B, D] vectors with one element per plane) draw each
+// block once, not once per plane.
 template <typename scalar_t, typename acc_t, typename Body>
-void for_each_block(int64_t begin, int64_t end, const scalar_t* eps, uint64_t seed, acc_t* buffer, Body body) {
+void for_each_block(int64_t begin, int64_t end, const scalar_t* eps, uint64_t seed, acc_t* buffer,
+                    int64_t& cached, Body body) {
   for (int64_t start = begin - begin % kNoiseBlock; start < end; start += kNoiseBlock) {
     const int64_t lo = std::max(begin, start);
     const int64_t hi = std::min(end, start + kNoiseBlock);
     if (eps != nullptr) {
 #pragma omp simd
       for (int64_t i = lo; i < hi; ++i) buffer[i - start] = Io<scalar_t>::load(eps[i]);
-    } else if (hi - lo < kScalarPiece) {
-      for (int64_t i = lo; i < hi; ++i) buffer[i - start] = normal_at(seed, static_cast<uint64_t>(i));
-    } else {
-      noise_block(seed, start / kNoiseBlock, buffer);
+    } else if (cached != start / kNoiseBlock) {
+      cached = start / kNoiseBlock;
+      noise_block(seed, cached, buffer);
     }
     body(lo, hi - lo, buffer + (lo - start));
   }
@@ -247,9 +246,10 @@ void forward_cpu(const scalar_t* mu, const scalar_t* logvar, const scalar_t* eps
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, plane_size));
   at::parallel_for(0, planes, grain, [&](int64_t first, int64_t last) {
     alignas(64) acc_t buffer[kNoiseBlock];
+    int64_t cached = -1;
     for (int64_t p = first; p < last; ++p) {
       acc_t sum = 0;
-      for_each_block(p * plane_size, (p + 1) * plane_size, eps, seed, buffer,
+      for_each_block(p * plane_size, (p + 1) * plane_size, eps, seed, buffer, cached,
                      [&](int64_t lo, int64_t n, const acc_t* noise) {
                        sum += all_linear(logvar + lo, n)
                                   ? forward_range<true>(mu + lo, logvar + lo, noise, z + lo, n)
@@ -273,9 +273,10 @@ void backward_cpu(const scalar_t* grad_z, const acc_t* grad_kl, const acc_t* gra
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, plane_size));
   at::parallel_for(0, planes, grain, [&](int64_t first, int64_t last) {
     alignas(64) acc_t buffer[kNoiseBlock];
+    int64_t cached = -1;
     for (int64_t p = first; p < last; ++p) {
       const acc_t w = grad_kl[p / channels] + grad_kl_plane[p];
-      for_each_block(p * plane_size, (p + 1) * plane_size, eps, seed, buffer,
+      for_each_block(p * plane_size, (p + 1) * plane_size, eps, seed, buffer, cached,
                      [&](int64_t lo, int64_t n, const acc_t* noise) {
                        if (all_linear(logvar + lo, n)) {
                          backward_range<true>(grad_z + lo, w, mu + lo, logvar + lo, noise, grad_mu + lo,
@@ -287,6 +288,10 @@ void backward_cpu(const scalar_t* grad_z, const acc_t* grad_kl, const acc_t* gra
                      });
     }
   });
+}
+
+void normal_at_cpu(uint64_t seed, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = normal_at(seed, static_cast<uint64_t>(i));
 }
 
 #define VT_INSTANTIATE(scalar_t, acc_t)                                                                       \

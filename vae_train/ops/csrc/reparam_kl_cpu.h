@@ -18,4 +18,8 @@ void backward_cpu(const scalar_t* grad_z, const acc_t* grad_kl, const acc_t* gra
                   const scalar_t* logvar, const scalar_t* eps, uint64_t seed, scalar_t* grad_mu,
                   scalar_t* grad_logvar, int64_t batch, int64_t channels, int64_t plane_size);
 
+// out[i] = normal_at(seed, i) for i < n: the per-element noise path the CUDA
+// kernel uses, exposed so CPU tests can compare it with the vectorized blocks.
+void normal_at_cpu(uint64_t seed, float* out, int64_t n);
+
 }  // namespace vae_train_ops

@@ -178,7 +178,7 @@ VT_HD void normal4(uint64_t seed, uint64_t group, float& n0, float& n1, float& n
   box_muller(bits[2], bits[3], n2, n3);
 }
 
-// The normal of one element, computed alone (tails and the CUDA kernel).
+// The normal of one element, computed alone (the CUDA kernel's path).
 VT_HD float normal_at(uint64_t seed, uint64_t index) {
   const uint64_t block = index / kNoiseBlock;
   const uint32_t within = static_cast<uint32_t>(index % kNoiseBlock);

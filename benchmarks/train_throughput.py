@@ -1,0 +1,125 @@
+"""Images/s of the trainer against a bare DeepSpeed loop, same model and batch, same run.
+
+Goal: the trainer's overhead -- data stream, KL/LR schedules, the coordinated skip
+all-reduce, logging (scalars, histograms, image grids at the config's cadence),
+progress bar -- under 5% of the bare loop's throughput. Also reports the
+data-wait fraction (time the loop blocked on the data stream).
+
+The bare loop is what a minimal script would do: ``deepspeed.initialize`` with
+the same ConvVAE, torch AdamW and ZeRO stage, then forward / ``vae_loss`` /
+``backward`` / ``step`` on one fixed in-memory batch (no data loading at all).
+The trainer is ``vae_train.trainer.train`` on real shards with the default
+config's model and batch. To cancel drift on a shared machine, the bare loop
+runs before and after the trainer and the two are averaged.
+
+Run: ``python benchmarks/train_throughput.py [--data DIR] [--ranks 2] [--steps 150]``
+(shards are made in a temporary directory when --data is not given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
+WARMUP_STEPS = 10
+
+
+def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
+    """Images/s of forward/backward/step with plain DeepSpeed (all ranks); warm-up excluded."""
+    import deepspeed
+    import torch
+
+    from vae_train.engine import build_deepspeed_config, plan_batch
+    from vae_train.model import ConvVAE, vae_loss
+
+    world = torch.distributed.get_world_size()
+    plan = plan_batch(cfg.train.global_batch_size, cfg.train.grad_accum_steps, world)
+    torch.manual_seed(0)
+    model = ConvVAE(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg, plan),
+                                           dist_init_required=False)
+    x = torch.bernoulli(torch.full((plan.micro_batch_size, 1, 28, 28), 0.3))
+    for step in range(WARMUP_STEPS + steps):
+        if step == WARMUP_STEPS:
+            torch.distributed.barrier()
+            start = time.perf_counter()
+        loss = vae_loss(engine(x), beta=1.0, free_bits=0.0).loss
+        engine.backward(loss)
+        engine.step()
+    torch.distributed.barrier()
+    return steps * plan.global_batch_size / (time.perf_counter() - start)
+
+
+def worker(data: str, steps: int, out: str) -> None:
+    from vae_train.config import load_config
+    from vae_train.engine import init_process_group, resolve
+    from vae_train.trainer import train
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(CONFIG, [f"data.train={data}", "data.val=", f"run_dir={run_dir}", "resume=none",
+                                   f"train.max_steps={WARMUP_STEPS + steps}", "checkpoint.every_steps=0",
+                                   "logging.progress_bar=false"])
+        cfg_resolved, env, device, backend, _, _ = resolve(cfg)
+        init_process_group(env, backend, device, cfg.distributed.timeout_s)
+        bare_before = bare_loop(cfg_resolved, steps)
+        train(cfg)
+        bare_after = bare_loop(cfg_resolved, steps)
+        rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    if env.rank != 0:
+        return
+    steady = [r for r in rows if r["split"] == "train" and r["step"] > WARMUP_STEPS]
+    # Windows are equal in steps, so the mean of images/s weights them by time correctly enough;
+    # use the harmonic mean (total images / total time) to be exact.
+    trainer_ips = len(steady) / sum(1 / r["images_per_s"] for r in steady)
+    wait = sum(r["data_wait_fraction"] for r in steady) / len(steady)
+    Path(out).write_text(json.dumps({"bare_before": bare_before, "bare_after": bare_after, "trainer": trainer_ips,
+                                     "data_wait_fraction": wait, "world_size": env.world_size,
+                                     "zero_stage": cfg_resolved.distributed.zero_stage,
+                                     "global_batch": cfg.train.global_batch_size}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="", help="shard directory (default: prepare a subset in a temp dir)")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=150, help="timed steps per measurement")
+    args = parser.parse_args()
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if not data:
+            data = str(Path(tmp, "shards"))
+            subprocess.run([sys.executable, "-m", "vae_train", "prepare", "fashion-mnist", "--out", data,
+                            "--limit", "12000", "--no-progress"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        out = Path(tmp, "result.json")
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        str(args.ranks), __file__, "--worker", data, str(args.steps), str(out)],
+                       cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = json.loads(out.read_text())
+    bare = (result["bare_before"] + result["bare_after"]) / 2
+    overhead = 1 - result["trainer"] / bare
+    print(f"configs/fashion_mnist.yaml model, {result['world_size']} ranks, ZeRO-{result['zero_stage']}, fp32, "
+          f"global batch {result['global_batch']}, {args.steps} timed steps each")
+    print(f"{'loop':<34} {'images/s':>10} {'ratio':>7}")
+    print(f"{'bare DeepSpeed (before trainer)':<34} {result['bare_before']:10.1f} {result['bare_before'] / bare:7.3f}")
+    print(f"{'bare DeepSpeed (after trainer)':<34} {result['bare_after']:10.1f} {result['bare_after'] / bare:7.3f}")
+    print(f"{'vae_train trainer (real data)':<34} {result['trainer']:10.1f} {result['trainer'] / bare:7.3f}")
+    print(f"trainer overhead: {overhead:.1%} (goal < 5%) -> {'OK' if overhead < 0.05 else 'MISSED'}; "
+          f"data-wait fraction: {result['data_wait_fraction']:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit(main())
