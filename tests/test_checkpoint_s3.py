@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from tests.ckpt_worker import finish_job, result, run_job, start_job
 from vae_train import checkpoint as ck
+from vae_train.config import config_from_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -135,23 +136,25 @@ def test_sigkill_mid_upload_keeps_previous_remote_checkpoint(s3_server, s3_bucke
     assert committed == {4, 6}
 
 
-def test_tampered_remote_file_is_refused_and_auto_falls_back(s3_server, s3_bucket, tmp_path):
-    env = s3_server.env()
+def test_tampered_remote_file_is_refused_and_auto_falls_back(s3_env, s3_bucket, tmp_path):
     remote = f"s3://{s3_bucket}/tamper"
-    _ok(run_job(_spec(tmp_path, "orig", world=1, steps=4, keep_last=3, remote=remote), tmp_path, env))
-    client = s3_server.client()
+    _ok(run_job(_spec(tmp_path, "orig", world=1, steps=4, keep_last=3, remote=remote), tmp_path, s3_env.env()))
+    client = s3_env.client()
     key = "tamper/step-00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt"
     head = client.head_object(Bucket=s3_bucket, Key=key)
     body = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
     body[len(body) // 2] ^= 0x01  # one flipped bit, same size, the stored hash metadata kept
     client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body), Metadata=head["Metadata"])
-    explicit = _spec(tmp_path, "explicit", world=1, steps=4, remote=remote, resume=f"{remote}/step-00000004")
-    proc = run_job(explicit, tmp_path, env)
-    assert proc.returncode != 0 and "corrupted" in proc.stdout and "SHA-256" in proc.stdout
-    auto = _spec(tmp_path, "auto", world=1, steps=4, remote=remote, keep_last=3)
-    log = _ok(run_job(auto, tmp_path, env))
-    assert result(auto)["resumed_from"] == 2
-    assert "refusing remote checkpoint step-00000004" in log
+    # Resolution on a fresh machine (this process, an empty run dir; no engine needed to decide).
+    cfg = config_from_dict({"run_dir": str(tmp_path / "fresh"), "checkpoint": {"remote": remote}})
+    manager = ck.CheckpointManager(cfg, rank=0, world_size=1, local_rank=0)
+    try:
+        with pytest.raises(ck.CheckpointError, match="corrupted: zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+            manager.resolve_resume(cfg.model_copy(update={"resume": f"{remote}/step-00000004"}))
+        assert manager.resolve_resume(cfg) == str(tmp_path / "fresh" / "checkpoints" / "step-00000002")
+    finally:
+        manager.close()
+    assert not (tmp_path / "fresh" / "checkpoints" / "step-00000004").exists()
 
 
 def test_s3_down_during_upload_training_continues_then_commits(s3_server, s3_bucket, tmp_path):
@@ -178,7 +181,9 @@ def test_s3_down_during_upload_training_continues_then_commits(s3_server, s3_buc
     assert res["trained_during_outage"] >= 3 and res["uploads_done"]
     assert res["committed_remote"][-1] == 8 and 6 not in res["committed_remote"], log[-5000:]
     assert len(res["committed_remote"]) >= 2  # the upload pending during the outage got through
-    assert "retrying" in log and "uploads are behind" in log and "step-00000006 stays local only" in log
+    # The lag is logged (whether botocore's own retries or ours bridged the outage depends on timing).
+    assert "uploads are behind" in log and "step-00000006 stays local only" in log
+    assert f"checkpoint {ck.step_name(res['committed_remote'][-2])} committed" in log and "after the save" in log
     assert s3_server.secret_key not in log and s3_server.access_key not in log
     _, committed = _remote(s3_server, s3_bucket, "outage")
     assert committed == set(res["committed_remote"][-2:])  # keep_last=2
@@ -193,36 +198,42 @@ def _wait(path: Path, proc: subprocess.Popen, timeout_s: float = 180) -> None:
         time.sleep(0.05)
 
 
-def test_export_from_s3_and_load_model_without_deepspeed(s3_server, s3_bucket, tmp_path):
+def test_export_from_s3_and_load_model_without_deepspeed(s3_server, s3_bucket, tmp_path, monkeypatch):
     env = s3_server.env()
     remote = f"s3://{s3_bucket}/export"
     spec = _spec(tmp_path, "exp", steps=2, remote=remote)
     _ok(run_job(spec, tmp_path, env))
     weights = Path(spec["out"]) / "final_weights.safetensors"
-    for dtype in ("fp32", "bf16"):
-        out_dir = tmp_path / f"export-{dtype}"
-        cli = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000002",
-                              "--out", str(out_dir), "--dtype", dtype], capture_output=True, text=True,
-                             env={**os.environ, **env}, timeout=120)
-        assert cli.returncode == 0, cli.stderr[-3000:]
-        meta = json.loads((out_dir / "config.json").read_text())
-        assert meta["dtype"] == dtype and meta["step"] == 2 and meta["model"]["base_channels"] == 8
-        assert {v.dtype for v in load_file(out_dir / "model.safetensors").values()} == \
-            {torch.float32 if dtype == "fp32" else torch.bfloat16}
-        # load_model in a process where importing deepspeed is impossible.
-        check = (
-            "import sys; sys.modules['deepspeed'] = None\n"
-            "import torch, vae_train\nfrom safetensors.torch import load_file\n"
-            f"m = vae_train.load_model({str(out_dir)!r})\n"
-            f"ref = load_file({str(weights)!r}); sd = m.state_dict()\n"
-            f"cast = (lambda t: t) if {dtype!r} == 'fp32' else (lambda t: t.to(torch.bfloat16).float())\n"
-            "assert sorted(sd) == sorted(ref)\n"
-            "assert all(torch.equal(sd[k], cast(ref[k])) for k in ref)\n"
-            "assert not m.training and m.sample(2).shape == (2, 1, 8, 8)\n"
-        )
-        run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr[-3000:]
+    out_dir = tmp_path / "export-fp32"
+    cli = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000002", "--out", str(out_dir)],
+                         capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    meta = json.loads((out_dir / "config.json").read_text())
+    assert meta["dtype"] == "fp32" and meta["step"] == 2 and meta["model"]["base_channels"] == 8
+    # load_model in a process where importing deepspeed is impossible.
+    check = (
+        "import sys; sys.modules['deepspeed'] = None\n"
+        "import torch, vae_train\nfrom safetensors.torch import load_file\n"
+        f"m = vae_train.load_model({str(out_dir)!r})\n"
+        f"ref = load_file({str(weights)!r}); sd = m.state_dict()\n"
+        "assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)\n"
+        "assert not m.training and m.sample(2).shape == (2, 1, 8, 8)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # bf16 export, in this process, straight from S3; load_model also takes the checkpoint itself.
+    from vae_train import load_model
+    from vae_train.export import export_checkpoint
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ref = load_file(weights)
+    bf16 = export_checkpoint(f"{remote}/step-00000002", tmp_path / "export-bf16", "bf16")
+    assert {v.dtype for v in load_file(bf16 / "model.safetensors").values()} == {torch.bfloat16}
+    sd = load_model(bf16).state_dict()
+    assert all(torch.equal(sd[k], ref[k].to(torch.bfloat16).float()) for k in ref)
+    sd = load_model(Path(spec["run_dir"]) / "checkpoints" / "step-00000002").state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
     bad = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000099", "--out",
-                          str(tmp_path / "x")], capture_output=True, text=True,
-                         env={**os.environ, **env}, timeout=120)
+                          str(tmp_path / "x")], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
     assert bad.returncode == 2 and "not a committed checkpoint" in bad.stderr and "Traceback" not in bad.stderr

@@ -168,3 +168,12 @@ def test_prepare_job_array_writes_the_same_shards_as_one_process(
     assert _digests(sliced) == expected
     logs = "".join(p.read_text() for p in tmp_path.glob(f"vae-prepare-{array}_*.out"))
     assert all(f"writes slice {i} of 3" in logs for i in range(3)), logs
+
+
+@pytest.mark.timeout(120)
+def test_unknown_launch_mode_fails_with_a_clear_message(cluster: SlurmCluster, tmp_path: Path) -> None:
+    env = dict(cluster.env, LAUNCH_MODE="mpirun", PYTHON=sys.executable)
+    job = cluster.sbatch("--chdir", str(REPO), "--output", str(tmp_path / "slurm-%j.out"),
+                         "slurm/train.sbatch", "--config", "configs/tiny.yaml", env=env)
+    assert cluster.wait_done(job, timeout=60) == "FAILED"
+    assert "LAUNCH_MODE=mpirun is not one of torchrun, srun" in (tmp_path / f"slurm-{job}.out").read_text()

@@ -33,15 +33,15 @@ and the data stream is re-derived by the caller from ``all_rank_states``.
 
 Trust: DeepSpeed stores its files with ``torch.save`` (pickle) and loads them with
 ``weights_only=False``. We load them with ``weights_only=True`` plus an allow-list of
-three plain DeepSpeed classes (:func:`restricted_torch_load`), and only after the
+four plain DeepSpeed data classes (:func:`restricted_torch_load`), and only after the
 SHA-256 of each file matched the manifest. The residual assumption: whoever can
 write the manifest and files in your bucket controls the checkpoint's *values*.
 
 Usage from a training loop (every rank calls every method)::
 
-    ckpt = CheckpointManager(cfg, rank=rank, world_size=ws, local_rank=local_rank)
+    engine = ...deepspeed.initialize(...)            # a plain DeepSpeed engine
+    ckpt = CheckpointManager(cfg, engine, rank, world_size, local_rank)   # checks S3 access now
     path = ckpt.resolve_resume()                     # None = start fresh
-    engine = ...deepspeed.initialize(...)
     if path:
         resumed = ckpt.load(engine, path)            # -> ResumedState
         step = resumed.step; stream.load_state_dict(resumed.rank_state["data"])
@@ -908,6 +908,11 @@ class CheckpointManager:
         universal format once per node and loaded from it (weights and optimizer
         state exact); RNGs are re-seeded from (seed, step, rank) and
         ``rank_state`` is None so the caller re-derives its data position.
+
+        Exactness needs the caller not to draw from the global RNGs between this call
+        and the first step in a way the uninterrupted run did not (e.g. a DataLoader
+        drawing its base seed from the global torch RNG when first iterated: give it
+        its own ``generator``).
         """
         from safetensors.torch import load_file
 

@@ -21,8 +21,8 @@ class ReparamInputError(VaeTrainError, ValueError):
 def _check(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None, generator, impl: str) -> None:
     if impl not in ("fused", "reference"):
         raise ReparamInputError(f"reparam_kl: impl={impl!r} is not one of 'fused', 'reference'.")
-    if not isinstance(mu, torch.Tensor) or not isinstance(logvar, torch.Tensor):
-        raise ReparamInputError("reparam_kl: mu and logvar must be tensors.")
+    if not all(isinstance(t, torch.Tensor) for t in (mu, logvar) + (() if eps is None else (eps,))):
+        raise ReparamInputError("reparam_kl: mu, logvar (and eps when given) must be tensors.")
     if mu.dim() == 0:
         raise ReparamInputError("reparam_kl: mu needs a batch dimension [B, ...]; got a 0-d tensor.")
     if mu.dtype not in SUPPORTED_DTYPES:
