@@ -14,10 +14,11 @@ P = G = 4; K = 12 for stages 1-3 (DeepSpeed keeps an fp32 master partition plus 
 and v) and K = 8 for stage 0 (the fp32 weights are their own master copy).
 
 Measured inside the real engine (``vae_train.engine.setup_engine``: gated
-torch AdamW, gloo) at the moment the optimizer step runs, when every buffer
-exists: distinct tensor storages (counted once) of the module's parameters (their
-ZeRO-3 partitions), of the gradients DeepSpeed hands the optimizer plus any still
-attached to the module, and of Adam's state plus the fp32 master partition.
+torch AdamW, gloo), counting distinct tensor storages once: the module's
+parameters (their ZeRO-3 partitions) and Adam's state plus the fp32 master
+partition inside the optimizer step; gradients while accumulating (after the
+first of two micro-batches: ZeRO-0/1 hold them whole, ZeRO-2/3 only their
+partition).
 
 Run: ``python benchmarks/zero_memory.py`` (launches 1, 2 and 4 ranks with torchrun).
 """
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 MODEL = {"base_channels": 32, "channel_mult": [1, 2, 2], "latent_channels": 4, "num_res_blocks": 1}
 RANKS = (1, 2, 4)
@@ -44,8 +46,42 @@ def _storage_bytes(tensors: list) -> int:
     return sum(seen.values())
 
 
+def _tensors(value: Any) -> list:
+    import torch
+
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _gradient_tensors(engine: Any, module_params: list) -> list:
+    """Every gradient buffer this rank holds now: the module's ``.grad`` and DeepSpeed's partitions.
+
+    DeepSpeed's ZeRO optimizers keep gradient partitions in attributes named
+    ``*grad*`` (``averaged_gradients``, ``grads_in_partition``, ...); reduction
+    bucket scratch (``ipg``) is communication buffer, not gradient state.
+    """
+    found = [p.grad for p in module_params]
+    zero_optimizer = engine.ds.optimizer
+    if zero_optimizer is not engine.optimizer:
+        for name, value in vars(zero_optimizer).items():
+            if "grad" in name.lower() and "ipg" not in name.lower():
+                found.extend(_tensors(value))
+    found.extend(p.grad for group in engine.optimizer.param_groups for p in group["params"])
+    return found
+
+
 def measure(stage: int) -> dict[str, int]:
-    """Train two steps with ZeRO ``stage``; return this rank's bytes at the second optimizer step."""
+    """Two optimizer steps of two accumulated micro-batches each with ZeRO ``stage``; this rank's bytes.
+
+    Gradients are measured after the first micro-batch's backward: the gradient
+    state held between micro-batches (the step's own short-lived fp32 copies are
+    not state). Parameters and optimizer state are measured inside the second step.
+    """
     import torch
 
     from vae_train.config import config_from_dict
@@ -54,31 +90,31 @@ def measure(stage: int) -> dict[str, int]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = config_from_dict({"model": MODEL, "distributed": {"zero_stage": stage},
-                            "train": {"global_batch_size": 4 * world}})
+                            "train": {"global_batch_size": 4 * world, "grad_accum_steps": 2}})
     torch.manual_seed(0)
     model = ConvVAE(cfg.model)
     psi = model.num_parameters()
     engine = setup_engine(cfg, model)
     module_params = list(engine.module.parameters())
-    result: dict[str, int] = {}
+    result: dict[str, int] = {"psi": psi}
     gate = engine.gate
 
     def measuring_gate(optimizer: torch.optim.Optimizer) -> bool:
         inner = [p for group in optimizer.param_groups for p in group["params"]]
         local_params = [getattr(p, "ds_tensor", p) for p in module_params]
-        grads = [p.grad for p in inner] + [p.grad for p in module_params]
-        masters = [p for p in inner if p.untyped_storage().data_ptr() not in
-                   {q.untyped_storage().data_ptr() for q in local_params}]
+        own = {q.untyped_storage().data_ptr() for q in local_params}
+        masters = [p for p in inner if p.untyped_storage().data_ptr() not in own]
         state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-        result.update(parameters=_storage_bytes(local_params), gradients=_storage_bytes(grads),
-                      optimizer=_storage_bytes(state) + _storage_bytes(masters), psi=psi)
+        result.update(parameters=_storage_bytes(local_params), optimizer=_storage_bytes(state) + _storage_bytes(masters))
         return gate(optimizer)
 
     engine.optimizer.step_gate = measuring_gate
-    x = torch.bernoulli(torch.full((4, 1, 28, 28), 0.3))
+    x = torch.bernoulli(torch.full((2, 1, 28, 28), 0.3))
     for step in range(2):
-        terms = vae_loss(engine.forward(x), beta=1.0, free_bits=0.0)
-        engine.backward(terms.loss)
+        for micro in range(2):
+            engine.backward(vae_loss(engine.forward(x), beta=1.0, free_bits=0.0).loss)
+            if micro == 0:
+                result["gradients"] = _storage_bytes(_gradient_tensors(engine, module_params))
         engine.step(step, True)
     return result
 
@@ -101,10 +137,10 @@ def worker(out_dir: str) -> None:
 def main() -> int:
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    header = f"{'ZeRO':>4} {'ranks':>5} | {'params MB':>9} {'formula':>8} | {'grads MB':>8} {'formula':>8} | " \
-             f"{'optim MB':>8} {'formula':>8} | {'max |ratio-1|':>13}"
+    header = f"{'ZeRO':>4} {'ranks':>5} | {'params MB':>9} {'formula':>8} | {'grads MB':>8} {'mean':>6} " \
+             f"{'formula':>8} | {'optim MB':>8} {'formula':>8} | {'max |ratio-1|':>13}"
     lines = [header, "-" * len(header)]
-    worst = 0.0
+    worst, worst_key = 0.0, ""
     for ranks in RANKS:
         with tempfile.TemporaryDirectory() as out:
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -114,17 +150,24 @@ def main() -> int:
         for stage in STAGES:
             measured = {key: max(rank[str(stage)][key] for rank in per_rank)
                         for key in ("parameters", "gradients", "optimizer")}
+            mean_grads = sum(rank[str(stage)]["gradients"] for rank in per_rank) / ranks
             expected = formula(stage, ranks, per_rank[0][str(stage)]["psi"])
-            dev = max(abs(measured[k] / expected[k] - 1) for k in expected)
-            worst = max(worst, dev)
+            devs = {k: abs(measured[k] / expected[k] - 1) for k in expected}
+            key = max(devs, key=devs.get)
+            if devs[key] > worst:
+                worst, worst_key = devs[key], f"ZeRO-{stage} {key} at {ranks} ranks"
             mb = 1 / 2**20
             lines.append(f"{stage:>4} {ranks:>5} | {measured['parameters'] * mb:9.3f} {expected['parameters'] * mb:8.3f} | "
-                         f"{measured['gradients'] * mb:8.3f} {expected['gradients'] * mb:8.3f} | "
-                         f"{measured['optimizer'] * mb:8.3f} {expected['optimizer'] * mb:8.3f} | {dev:13.2%}")
+                         f"{measured['gradients'] * mb:8.3f} {mean_grads * mb:6.3f} {expected['gradients'] * mb:8.3f} | "
+                         f"{measured['optimizer'] * mb:8.3f} {expected['optimizer'] * mb:8.3f} | {devs[key]:13.2%}")
     psi = per_rank[0]["0"]["psi"]
-    print(f"per-rank bytes (largest rank), ConvVAE {MODEL}, Psi = {psi:,} parameters, fp32, torch AdamW")
+    print(f"per-rank MB (largest rank; 'mean' = mean over ranks), ConvVAE {MODEL}, Psi = {psi:,} parameters, "
+          "fp32, torch AdamW")
     print("\n".join(lines))
-    print(f"worst deviation from the formulas: {worst:.2%} (goal: within 5%) -> {'OK' if worst <= 0.05 else 'MISSED'}")
+    print(f"worst deviation: {worst:.2%} ({worst_key}); goal within 5% -> {'OK' if worst <= 0.05 else 'MISSED'}")
+    print("ZeRO-2 keeps the whole gradient of a parameter that straddles a partition boundary on both ranks, "
+          "so its gradients exceed Psi*4/N by up to one tensor per boundary (large for a model of 1M parameters "
+          "whose biggest tensor holds 74k).")
     return 0
 
 
