@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_train.config import Config, config_from_dict, load_config
+from vae_train.config import Config, config_from_dict
 from vae_train.engine import (
     EngineError,
     StepGate,
@@ -308,3 +308,18 @@ def test_gradient_accumulation_matches_one_bigger_micro_batch() -> None:
     norms = json.loads(result.stdout.strip().splitlines()[-1])
     assert norms["2"] == pytest.approx(norms["1"], rel=1e-5)
     assert len(set(norms["1"])) == 3  # three different steps really happened
+
+
+@pytest.mark.parametrize(
+    "name, stage, processes, machines",
+    [("accelerate_cpu.yaml", 2, 2, 1), ("accelerate_1gpu.yaml", 0, 1, 1), ("accelerate_zero2.yaml", 2, 8, 1),
+     ("accelerate_zero3.yaml", 3, 8, 1), ("accelerate_multinode.yaml", 2, 16, 2)],
+)
+def test_shipped_accelerate_configs_load(name: str, stage: int, processes: int, machines: int) -> None:
+    """Each file is read by accelerate's own loader as a DeepSpeed launch (never use_cpu: it runs ONE process)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "launch" / name))
+    assert cfg.distributed_type == "DEEPSPEED" and not cfg.use_cpu
+    assert cfg.deepspeed_config["zero_stage"] == stage
+    assert (cfg.num_processes, cfg.num_machines) == (processes, machines)

@@ -1,0 +1,169 @@
+"""One stored sample -> one float image tensor in the likelihood's value range.
+
+Policy for images that do not match ``model.in_channels`` x ``image_size``:
+
+* **Mode** is converted only when no information is lost: grayscale or palette ->
+  RGB (the gray value is copied into three channels), RGB or palette whose three
+  channels are equal -> grayscale, 1-bit -> grayscale, an alpha channel that is
+  fully opaque is dropped. Anything else (colour -> grayscale, real transparency,
+  16-bit or float images, CMYK) is rejected: silently averaging colours or
+  dropping bits would train on data the user did not mean.
+* **Size**: an image of exactly ``image_size`` x ``image_size`` is used as is. With
+  ``data.resize`` the shorter side is resized to ``image_size`` (bicubic,
+  antialiased) and the square is cropped (randomly in training with
+  ``data.random_crop``, else centred). Without it, a larger image is cropped only
+  when ``data.random_crop`` asks for crops; otherwise a size mismatch is rejected.
+
+Rejections raise :class:`SampleRejected` with a reason; the stream counts them per
+reason and warns with the shard and key (or stops, with ``data.strict``).
+
+Binarization (section 5 of DESIGN.md, for Bernoulli likelihoods): ``dynamic``
+draws each pixel from Bernoulli(intensity) with the worker's seeded generator on
+every read (so the exact-resume property still holds: the generator's state is
+part of the stream state); ``fixed`` draws with a generator seeded by the sample's
+key, so a sample binarizes identically in every run, rank and worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff", "gif")
+_ALPHA_MODES = {"RGBA": "RGB", "LA": "L", "PA": "RGB"}
+"""Modes with an alpha channel -> the mode left once a fully opaque alpha is dropped."""
+
+
+class SampleRejected(Exception):
+    """A sample that cannot become a training image; ``reason`` is the counter's name."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the model expects and which augmentations the stream applies."""
+
+    image_size: int
+    channels: int
+    value_range: tuple[float, float]
+    binarize: str = "none"
+    resize: bool = False
+    random_crop: bool = False
+    random_flip: bool = False
+
+
+def image_member(members: dict[str, bytes]) -> bytes:
+    """The encoded image of a sample (first known image extension)."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in members:
+            return members[ext]
+    raise SampleRejected("no_image", f"no image member (has {sorted(members)}; expected one of png, jpg, ...)")
+
+
+def read_label(members: dict[str, bytes]) -> int:
+    """The integer class in ``cls`` (-1 when the sample has none)."""
+    raw = members.get("cls")
+    if raw is None:
+        return -1
+    try:
+        return int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise SampleRejected("bad_label", f"cls member {raw[:20]!r} is not an integer") from None
+
+
+def _normalize_mode(image, channels: int):
+    """Convert ``image`` to L (channels=1) or RGB (channels=3) if that loses nothing."""
+    from PIL import Image
+
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in _ALPHA_MODES:
+        alpha = np.asarray(image.getchannel("A"))
+        if alpha.min() < 255:
+            raise SampleRejected("mode", f"{image.mode} image with transparent pixels (alpha would be lost)")
+        image = image.convert(_ALPHA_MODES[image.mode])
+    if image.mode == "1":
+        image = image.convert("L")
+    if image.mode == "P":
+        image = image.convert("RGB")
+    if image.mode not in ("L", "RGB"):
+        raise SampleRejected("mode", f"{image.mode} images are not converted (would lose information)")
+    target = "L" if channels == 1 else "RGB"
+    if image.mode == target:
+        return image
+    if target == "RGB":
+        return image.convert("RGB")
+    pixels = np.asarray(image)
+    if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])):
+        raise SampleRejected("mode", "colour image but model.in_channels=1 (converting would average colours)")
+    return Image.fromarray(np.ascontiguousarray(pixels[..., 0]), mode="L")
+
+
+def _crop(pixels: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A size x size crop: at a random offset when ``rng`` is given, else centred."""
+    height, width = pixels.shape[:2]
+    if rng is not None:
+        top = int(rng.integers(0, height - size + 1))
+        left = int(rng.integers(0, width - size + 1))
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
+    return pixels[top:top + size, left:left + size]
+
+
+def _key_rng(key: str) -> np.random.Generator:
+    """A generator seeded by the sample key alone (fixed binarization)."""
+    return np.random.default_rng(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"))
+
+
+def decode_sample(key: str, members: dict[str, bytes], spec: DecodeSpec,
+                  rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+    """Decode, fit, augment and scale one sample -> (float32 [C,H,W] in value_range, label).
+
+    ``rng`` is the worker's generator in training (random crop, flip, dynamic
+    binarization) and None for validation (centre crop, no flip, and ``dynamic``
+    binarization falls back to ``fixed`` so every evaluation sees the same bits).
+    """
+    from PIL import Image
+
+    label = read_label(members)
+    try:
+        image = Image.open(io.BytesIO(image_member(members)))
+        image.load()
+    except SampleRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt data
+        raise SampleRejected("undecodable", f"{type(exc).__name__}: {exc}") from None
+    image = _normalize_mode(image, spec.channels)
+    size = spec.image_size
+    crop_rng = rng if spec.random_crop else None
+    if image.size != (size, size):
+        width, height = image.size
+        if spec.resize:
+            scale = size / min(width, height)
+            new = (max(size, round(width * scale)), max(size, round(height * scale)))
+            image = image.resize(new, Image.BICUBIC)
+        elif not (spec.random_crop and min(width, height) >= size):
+            raise SampleRejected("size", f"{width}x{height} image, expected {size}x{size} "
+                                 "(set data.resize=true to resize, or data.random_crop=true to crop larger images)")
+    pixels = np.asarray(image)
+    if pixels.shape[0] != size or pixels.shape[1] != size:
+        pixels = _crop(pixels, size, crop_rng)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if rng is not None and spec.random_flip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    x = pixels.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+    if spec.binarize != "none":
+        draw = rng if (spec.binarize == "dynamic" and rng is not None) else _key_rng(key)
+        x = (draw.random(x.shape, dtype=np.float32) < x).astype(np.float32)
+    low, high = spec.value_range
+    if (low, high) != (0.0, 1.0):
+        x = x * np.float32(high - low) + np.float32(low)
+    return np.ascontiguousarray(x), label

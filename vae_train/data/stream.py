@@ -1,0 +1,640 @@
+"""Training and validation streams: shards -> per-rank, per-worker batches, resumable exactly.
+
+Usage (what the trainer and ``vae-train eval`` call)::
+
+    train = build_train_stream(cfg.data, image_size=28, channels=1, value_range=(0.0, 1.0),
+                               micro_batch_size=64, rank=rank, world_size=world, seed=cfg.seed,
+                               s3_cfg=cfg.s3)
+    for batch in train:                       # infinite; batch["image"]: float32 [B,C,H,W]
+        ...                                   # batch["key"]: list[str], batch["label"]: int64 [B]
+    state = train.state_dict()                # JSON-serializable; store it in the checkpoint
+    train.load_state_dict(state)              # continue with exactly the batches that came next
+    train.steps_per_epoch, train.epoch, train.stats()
+
+    val = build_val_stream(cfg.data, image_size=28, channels=1, value_range=(0.0, 1.0),
+                           batch_size=256, rank=rank, world_size=world, s3_cfg=cfg.s3)
+    for batch in val:                         # finite; same keys plus batch["mask"]: bool [B]
+        ...                                   # count only batch["mask"] samples
+
+How the training stream is built, and why (choices made against webdataset's
+``WebDataset(resampled=True)`` pipeline, whose shuffle buffer and shard iterator
+hold state that cannot be saved):
+
+* **Resampled shards, per rank and worker.** Every DataLoader worker of every rank
+  draws shards with replacement, the d-th draw from a generator seeded by
+  ``(seed, rank, worker, source, d)``, weighted by the shards' sample counts. No
+  shard list is split, so fewer shards than ranks x workers is fine, and
+  determinism does not depend on webdataset's per-process random seeds.
+* **Shuffling inside a shard.** ``prepare`` shuffles samples across shards, so a
+  shard is already a random subset; the stream reads it in blocks of
+  ``data.shuffle_buffer`` samples and emits each block in a permutation seeded by
+  ``(seed, rank, worker, source, draw, block)``. A worker's position is therefore
+  just ``(draw, samples consumed)`` per source, plus its numpy generator (crops,
+  flips, dynamic binarization, source mixing): a few numbers, not a buffer of
+  images.
+* **Exact resume.** Each worker attaches a copy of its state to every batch; the
+  main process keeps the newest state per worker and which worker is next.
+  DataLoader hands out batches round-robin over workers in order, so on restore
+  worker ``p`` takes over the stream of logical worker ``(p + next) % W`` and the
+  batches continue exactly; each worker re-reads at most the current block's
+  shard up to its position (raw bytes, no decoding). A state from another world
+  size, worker count, batch size, seed or data source is refused.
+* **Equal batch counts.** The stream is infinite on every rank, so collectives
+  never wait on a rank that ran dry; ``steps_per_epoch`` (the same on every rank)
+  marks logical epochs of ``data.samples_per_epoch`` samples over all ranks.
+
+The validation stream reads every sample exactly once over all ranks and
+workers: index.json gives each shard's count, rank r takes the contiguous sample
+range ``[r*N/R, (r+1)*N/R)``, split into batches, and each worker takes a
+contiguous run of those batches. Every rank yields the same number of batches;
+the tail is padded with ``mask=False`` slots. A sample that cannot be read or
+decoded also becomes a masked slot, counted in ``stats()`` and warned about with
+its shard and key (``data.strict`` makes it an error).
+
+Damaged input is skipped and counted, never silently: ``stats()["skipped"]``
+counts by reason, each skip logs a warning naming shard and key, and a source
+that keeps giving nothing (32 shards in a row without a sample, or 256 samples in
+a row rejected) stops the run with a :class:`DataError` instead of spinning. A
+DataLoader that delivers nothing for ``data.timeout_s`` seconds is an error too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vae_train.data import s3_opener
+from vae_train.data.decode import DecodeSpec, SampleRejected, decode_sample
+from vae_train.data.errors import DataError
+from vae_train.data.sources import Source, fingerprint, resolve_sources
+from vae_train.data.tario import RawSample, ShardReadError, iter_shard
+from vae_train.preemption import shield_worker_from_job_signals
+
+if TYPE_CHECKING:
+    from vae_train.config import DataConfig, S3Config
+
+log = logging.getLogger("vae_train.data")
+
+STATE_VERSION = 1
+MAX_EMPTY_SHARDS = 32
+"""Shards in a row without a single sample before a source is declared unreadable."""
+MAX_CONSECUTIVE_REJECTS = 256
+"""Samples in a row rejected by the decoder before the data is declared unusable."""
+MAX_WARNINGS_PER_WORKER = 20
+"""Skip warnings logged per worker; later skips are only counted (see stats())."""
+
+# Purposes mixed into seeds, so the generators of one (rank, worker) are independent.
+_SHARD_PICK, _BLOCK_ORDER, _WORKER_RNG = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs; pickled into DataLoader workers."""
+
+    sources: tuple[Source, ...]
+    spec: DecodeSpec
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    block_size: int
+    strict: bool
+    s3_cfg: Any
+
+    @property
+    def logical_workers(self) -> int:
+        return max(1, self.num_workers)
+
+
+class _Skips:
+    """Counts skipped samples by reason and rate-limits the warnings about them."""
+
+    def __init__(self, counts: dict[str, int] | None, strict: bool) -> None:
+        self.counts: Counter[str] = Counter(counts or {})
+        self.strict = strict
+        self._warned = 0
+
+    def skip(self, reason: str, message: str, n: int = 1) -> None:
+        """Count ``n`` skipped samples; raise instead when ``data.strict`` is on."""
+        if self.strict:
+            raise DataError(f"{message} (data.strict=true; set it to false to skip and count damaged data)")
+        self.counts[reason] += n
+        self._warned += 1
+        if self._warned <= MAX_WARNINGS_PER_WORKER:
+            log.warning("skipping %s", message)
+            if self._warned == MAX_WARNINGS_PER_WORKER:
+                log.warning("further skipped samples in this worker are only counted (see data stats)")
+
+
+def _take(raw: Iterator[RawSample], n: int) -> tuple[list[RawSample], ShardReadError | None, bool]:
+    """Up to ``n`` samples -> (samples, the error that stopped reading, whether the shard ended)."""
+    items: list[RawSample] = []
+    if n <= 0:
+        return items, None, False
+    try:
+        for item in raw:
+            items.append(item)
+            if len(items) == n:
+                return items, None, False
+    except ShardReadError as exc:
+        return items, exc, True
+    return items, None, True
+
+
+class _ShardCursor:
+    """One worker's resampled walk over one source: shard draw ``draw``, ``pos`` samples into it."""
+
+    def __init__(self, plan: _Plan, worker: int, index: int, draw: int = 0, pos: int = 0) -> None:
+        self.plan, self.worker, self.index = plan, worker, index
+        self.source = plan.sources[index]
+        self.draw, self.pos = draw, pos
+        counts = [shard.num_samples for shard in self.source.shards]
+        self._p = None if any(c is None for c in counts) else np.asarray(counts, float) / max(1, sum(counts))
+
+    def _rng(self, *words: int) -> np.random.Generator:
+        plan = self.plan
+        return np.random.default_rng([plan.seed, plan.rank, self.worker, self.index, *words])
+
+    def _shard_url(self, draw: int) -> str:
+        shards = self.source.shards
+        if len(shards) == 1:
+            return shards[0].url
+        choice = self._rng(draw, _SHARD_PICK).choice(len(shards), p=self._p)
+        return shards[int(choice)].url
+
+    def samples(self, skips: _Skips) -> Iterator[tuple[str, RawSample]]:
+        """Yield (shard url, raw sample) forever, keeping ``draw``/``pos`` current."""
+        block = self.plan.block_size
+        empty, last_problem = 0, ""
+        while True:
+            url = self._shard_url(self.draw)
+            raw = iter_shard(url)
+            produced, error = 0, None
+            try:
+                first_block = self.pos // block
+                skipped, error, ended = _take(raw, first_block * block)
+                if len(skipped) < first_block * block:
+                    ended = True
+                b = first_block
+                while not ended:
+                    items, error, ended = _take(raw, block)
+                    order = self._rng(self.draw, b, _BLOCK_ORDER).permutation(len(items)) if block > 1 else [0]
+                    for j in range(self.pos - b * block, len(items)):
+                        self.pos = b * block + j + 1
+                        produced += 1
+                        yield url, items[order[j]]
+                    b += 1
+            finally:
+                raw.close()
+            if error is not None:
+                last_problem = str(error)
+                skips.skip("shard_error", f"the rest of shard {error}")
+            if produced == 0:
+                empty += 1
+                last_problem = last_problem or f"{url}: no samples"
+                if empty >= MAX_EMPTY_SHARDS:
+                    raise DataError(
+                        f"source {self.source.spec!r}: {empty} shards in a row gave no samples (last: {last_problem}); "
+                        "check that the shards exist, are readable and are tar files of samples")
+            else:
+                empty = 0
+            self.draw, self.pos = self.draw + 1, 0
+
+
+def _batch(images: list[np.ndarray], keys: list[str], labels: list[int], mask: list[bool] | None = None
+           ) -> dict[str, Any]:
+    batch: dict[str, Any] = {
+        "image": torch.from_numpy(np.stack(images)),
+        "key": keys,
+        "label": torch.tensor(labels, dtype=torch.int64),
+    }
+    if mask is not None:
+        batch["mask"] = torch.tensor(mask, dtype=torch.bool)
+    return batch
+
+
+def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Iterator[tuple[Any, ...]]:
+    """One logical worker's infinite batch stream; yields (batch, worker, state after the batch)."""
+    n_sources = len(plan.sources)
+    state = state or {}
+    cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i])
+               for i in range(n_sources)]
+    rng = np.random.default_rng([plan.seed, plan.rank, worker, _WORKER_RNG])
+    if "rng" in state:
+        rng.bit_generator.state = state["rng"]
+    skips = _Skips(state.get("skipped"), plan.strict)
+    streams = [cursor.samples(skips) for cursor in cursors]
+    weights = np.asarray([s.weight for s in plan.sources], float)
+    weights /= weights.sum()
+    rejected_in_row = 0
+    while True:
+        images, keys, labels = [], [], []
+        while len(images) < plan.batch_size:
+            s = int(rng.choice(n_sources, p=weights)) if n_sources > 1 else 0
+            url, (key, members) = next(streams[s])
+            try:
+                image, label = decode_sample(key, members, plan.spec, rng)
+            except SampleRejected as rej:
+                skips.skip(rej.reason, f"sample {key!r} of shard {url}: {rej}")
+                rejected_in_row += 1
+                if rejected_in_row >= MAX_CONSECUTIVE_REJECTS:
+                    raise DataError(
+                        f"{rejected_in_row} samples in a row were rejected (last: {key!r} of {url}: {rej}); "
+                        "the data does not match the model (model.image_size, model.in_channels) — "
+                        "see data.resize / data.random_crop or re-run `vae-train prepare`") from None
+                continue
+            rejected_in_row = 0
+            images.append(image)
+            keys.append(key)
+            labels.append(label)
+        snapshot = {
+            "cursors": [[c.draw, c.pos] for c in cursors],
+            "rng": rng.bit_generator.state,
+            "skipped": dict(skips.counts),
+        }
+        yield _batch(images, keys, labels), worker, snapshot
+
+
+class _WorkerDataset(IterableDataset):
+    """Runs the plan's generator in each DataLoader worker; errors travel as a message, not a traceback."""
+
+    def __init__(self, plan: _Plan, make, states: list[Any], rotation: int = 0) -> None:
+        super().__init__()
+        self.plan, self.make, self.states, self.rotation = plan, make, states, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.rotation) % self.plan.logical_workers
+        s3_opener.configure(self.plan.s3_cfg)
+        try:
+            yield from self.make(self.plan, worker, self.states[worker])
+        except DataError as exc:
+            yield {"__error__": str(exc)}
+
+
+def _loader(dataset: _WorkerDataset, num_workers: int, timeout_s: float) -> Iterator[Any]:
+    """A DataLoader over ready-made batches (batching happens in the workers)."""
+    # A private generator: by default DataLoader draws its base seed from the global torch RNG
+    # when iterated, which shifts the model's noise stream and breaks exact resume.
+    # Workers ignore SLURM's job-wide SIGTERM/SIGUSR1 so they outlive the trainer's preemption save.
+    return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                           worker_init_fn=shield_worker_from_job_signals if num_workers > 0 else None,
+                           generator=torch.Generator().manual_seed(dataset.plan.seed),
+                           timeout=timeout_s if num_workers > 0 else 0,
+                           prefetch_factor=2 if num_workers > 0 else None))
+
+
+def _next_item(iterator: Iterator[Any], plan: _Plan, timeout_s: float) -> Any:
+    """Next item of a loader, with loader failures and worker errors as :class:`DataError`."""
+    try:
+        item = next(iterator)
+    except RuntimeError as exc:
+        if "DataLoader" not in str(exc):
+            raise
+        specs = " + ".join(s.spec for s in plan.sources)
+        if "timed out" in str(exc):
+            raise DataError(f"no batch arrived within data.timeout_s={timeout_s:g}s while reading {specs!r}; "
+                            "a worker is stuck (unreachable storage?) — check the endpoint, or raise "
+                            "data.timeout_s for very slow storage") from None
+        raise DataError(f"a data worker died while reading {specs!r} ({exc}); check memory limits "
+                        "(lower data.num_workers or data.shuffle_buffer)") from None
+    if isinstance(item, dict) and "__error__" in item:
+        raise DataError(item["__error__"])
+    return item
+
+
+def _decode_spec(data_cfg: "DataConfig", image_size: int, channels: int,
+                 value_range: tuple[float, float], train: bool) -> DecodeSpec:
+    if channels not in (1, 3):
+        raise DataError(f"image shards hold grayscale or RGB images; model.in_channels={channels} is not supported "
+                        "by the image decoder (use 1 or 3)")
+    low, high = float(value_range[0]), float(value_range[1])
+    if data_cfg.binarize != "none" and (low, high) != (0.0, 1.0) and train:
+        log.warning("data.binarize=%s with value range %s: binarized pixels become {%g, %g}; "
+                    "binarization is meant for the Bernoulli likelihood", data_cfg.binarize, value_range, low, high)
+    return DecodeSpec(image_size=image_size, channels=channels, value_range=(low, high),
+                      binarize=data_cfg.binarize, resize=data_cfg.resize,
+                      random_crop=data_cfg.random_crop and train, random_flip=data_cfg.random_flip and train)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in a world of size {world_size}")
+
+
+@dataclass
+class _Timing:
+    """Counters behind stats(): samples delivered and seconds spent waiting for them."""
+
+    samples: int = 0
+    wait_s: float = 0.0
+    since: float = field(default_factory=time.perf_counter)
+    samples_at_last: int = 0
+    wait_at_last: float = 0.0
+
+
+class TrainStream:
+    """Infinite, resumable per-rank batch stream (see the module docstring).
+
+    Attributes: ``steps_per_epoch`` (batches per rank per logical epoch, equal on
+    every rank), ``batches`` (batches delivered so far, restored by
+    ``load_state_dict``), ``epoch`` (``batches // steps_per_epoch``).
+    """
+
+    def __init__(self, plan: _Plan, *, steps_per_epoch: int, samples_per_epoch: int, timeout_s: float) -> None:
+        self._plan = plan
+        self.steps_per_epoch = steps_per_epoch
+        self.samples_per_epoch = samples_per_epoch
+        self._timeout_s = timeout_s
+        self._fingerprint = fingerprint(list(plan.sources))
+        self._states: list[dict[str, Any] | None] = [None] * plan.logical_workers
+        self._next_worker = 0
+        self.batches = 0
+        self._iterator: Iterator[Any] | None = None
+        self._timing = _Timing()
+
+    @property
+    def epoch(self) -> int:
+        """The logical epoch the next batch belongs to."""
+        return self.batches // self.steps_per_epoch
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        if self._iterator is None:
+            dataset = _WorkerDataset(self._plan, _train_worker, list(self._states), self._next_worker)
+            self._iterator = _loader(dataset, self._plan.num_workers, self._timeout_s)
+        try:
+            batch, worker, state = _next_item(self._iterator, self._plan, self._timeout_s)
+        except DataError:
+            self.close()  # the workers are finished or stuck; a later next() restarts from the last state
+            raise
+        if worker != self._next_worker:  # DataLoader's in-order round-robin is what makes resume exact
+            raise RuntimeError(f"batch came from worker {worker}, expected {self._next_worker}")
+        self._states[worker] = state
+        self._next_worker = (worker + 1) % self._plan.logical_workers
+        self.batches += 1
+        self._timing.samples += len(batch["key"])
+        self._timing.wait_s += time.perf_counter() - start
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``next()`` restarts them where the stream was)."""
+        self._iterator = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position (JSON-serializable): restoring it continues with the very next batch."""
+        plan = self._plan
+        return {
+            "version": STATE_VERSION,
+            "world_size": plan.world_size,
+            "rank": plan.rank,
+            "num_workers": plan.num_workers,
+            "micro_batch_size": plan.batch_size,
+            "seed": plan.seed,
+            "shuffle_buffer": plan.block_size,
+            "sources": self._fingerprint,
+            "batches": self.batches,
+            "next_worker": self._next_worker,
+            "workers": list(self._states),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of the same rank); refuses an incompatible one."""
+        plan = self._plan
+        expected = {
+            "version": STATE_VERSION, "world_size": plan.world_size, "rank": plan.rank,
+            "num_workers": plan.num_workers, "micro_batch_size": plan.batch_size, "seed": plan.seed,
+            "shuffle_buffer": plan.block_size, "sources": self._fingerprint,
+        }
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise DataError(
+                    f"cannot resume the data stream: the checkpoint's {key} is {state.get(key)!r}, this run's is "
+                    f"{value!r}. Exact resume needs the same world size, data.num_workers, micro-batch size, seed, "
+                    "data.shuffle_buffer and data sources (changing them is not supported yet); start a fresh run "
+                    "or restore the old settings")
+        if len(state["workers"]) != plan.logical_workers:
+            raise DataError(f"data stream state has {len(state['workers'])} worker states, expected "
+                            f"{plan.logical_workers}")
+        self.close()
+        self._states = list(state["workers"])
+        self._next_worker = int(state["next_worker"])
+        self.batches = int(state["batches"])
+
+    def stats(self) -> dict[str, Any]:
+        """Loader statistics since the previous call, plus cumulative skip counts.
+
+        ``samples_per_s``: images delivered per second of wall time; ``data_wait_s``
+        and ``data_wait_fraction``: time the caller spent blocked in ``next()``
+        (and its share of the wall time); ``skipped``: samples skipped by reason
+        over the whole run (``shard_error`` counts shards cut short).
+        """
+        t = self._timing
+        now = time.perf_counter()
+        elapsed = max(now - t.since, 1e-9)
+        samples, wait = t.samples - t.samples_at_last, t.wait_s - t.wait_at_last
+        t.since, t.samples_at_last, t.wait_at_last = now, t.samples, t.wait_s
+        skipped: Counter[str] = Counter()
+        for state in self._states:
+            skipped.update((state or {}).get("skipped", {}))
+        return {
+            "samples_per_s": samples / elapsed,
+            "data_wait_s": wait,
+            "data_wait_fraction": wait / elapsed,
+            "skipped": dict(skipped),
+            "skipped_total": sum(skipped.values()),
+        }
+
+
+def build_train_stream(
+    data_cfg: "DataConfig", *, image_size: int, channels: int, value_range: tuple[float, float],
+    micro_batch_size: int, rank: int, world_size: int, seed: int, s3_cfg: "S3Config | None",
+) -> TrainStream:
+    """The training stream of ``rank`` of ``world_size``: infinite, resampled, resumable.
+
+    Checks the sources now (missing shards, index, credentials raise
+    :class:`DataError` before any worker starts). ``value_range`` is the
+    likelihood's: (0, 1) for Bernoulli, (-1, 1) otherwise. ``seed`` with rank and
+    worker seeds every random choice, so two runs with the same arguments produce
+    identical batches.
+    """
+    _check_rank(rank, world_size)
+    if micro_batch_size < 1:
+        raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    sources = resolve_sources(data_cfg.train, default_split="train", weights=data_cfg.train_weights, s3_cfg=s3_cfg)
+    samples_per_epoch = data_cfg.samples_per_epoch
+    if not samples_per_epoch:
+        counts = [s.num_samples for s in sources]
+        if any(c is None for c in counts):
+            raise DataError("data.samples_per_epoch=0 means 'the train split's size from index.json', but "
+                            f"{data_cfg.train!r} has no index; set data.samples_per_epoch")
+        samples_per_epoch = sum(counts)  # type: ignore[arg-type]
+    plan = _Plan(
+        sources=tuple(sources),
+        spec=_decode_spec(data_cfg, image_size, channels, value_range, train=True),
+        batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
+        seed=seed, block_size=max(1, data_cfg.shuffle_buffer), strict=data_cfg.strict, s3_cfg=s3_cfg,
+    )
+    steps = max(1, math.ceil(samples_per_epoch / (world_size * micro_batch_size)))
+    return TrainStream(plan, steps_per_epoch=steps, samples_per_epoch=samples_per_epoch, timeout_s=data_cfg.timeout_s)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class _ValLayout:
+    """Which global sample positions this rank's batches cover."""
+
+    shard_starts: tuple[int, ...]  # global position of each shard's first sample
+    rank_start: int
+    rank_end: int
+    num_batches: int  # per rank (equal on every rank)
+
+    def worker_batches(self, worker: int, workers: int) -> range:
+        return range(worker * self.num_batches // workers, (worker + 1) * self.num_batches // workers)
+
+
+def _val_positions(plan: _Plan, layout: _ValLayout, lo: int, hi: int, skips: _Skips
+                   ) -> Iterator[tuple[int, str, RawSample]]:
+    """(global position, shard url, sample) for positions in [lo, hi), in order; gaps are counted."""
+    shards = [shard for source in plan.sources for shard in source.shards]
+    for shard, start in zip(shards, layout.shard_starts):
+        count = shard.num_samples or 0
+        first, last = max(lo, start), min(hi, start + count)
+        if first >= last:
+            continue
+        got, error = 0, None
+        raw = iter_shard(shard.url)
+        try:
+            for i, sample in enumerate(raw):
+                pos = start + i
+                if pos >= last:
+                    break
+                if pos >= first:
+                    got += 1
+                    yield pos, shard.url, sample
+        except ShardReadError as exc:
+            error = exc
+        finally:
+            raw.close()
+        missing = (last - first) - got
+        if missing:
+            cause = str(error) if error else f"{shard.url}: shard has fewer samples than index.json says"
+            skips.skip("missing", f"{missing} validation sample(s) that could not be read ({cause}); "
+                       "they are masked out", missing)
+
+
+def _val_worker(plan: _Plan, worker: int, _state: None, layout: _ValLayout) -> Iterator[tuple[Any, ...]]:
+    """Batches ``layout.worker_batches(worker)`` of this rank, padded and masked; yields (batch, worker, skips)."""
+    batches = layout.worker_batches(worker, plan.logical_workers)
+    if not batches:
+        return
+    b = plan.batch_size
+    skips = _Skips(None, plan.strict)
+    first_pos = layout.rank_start + batches.start * b
+    last_pos = min(layout.rank_end, layout.rank_start + batches.stop * b)
+    samples = _val_positions(plan, layout, first_pos, last_pos, skips) if first_pos < last_pos else iter(())
+    pending = next(samples, None)
+    blank = np.zeros((plan.spec.channels, plan.spec.image_size, plan.spec.image_size), np.float32)
+    for j in batches:
+        start = layout.rank_start + j * b
+        images, keys, labels, mask = [blank] * b, [""] * b, [-1] * b, [False] * b
+        while pending is not None and pending[0] < start + b:
+            pos, url, (key, members) = pending
+            try:
+                images[pos - start], labels[pos - start] = decode_sample(key, members, plan.spec, None)
+                keys[pos - start], mask[pos - start] = key, True
+            except SampleRejected as rej:
+                skips.skip(rej.reason, f"validation sample {key!r} of shard {url}: {rej}; it is masked out")
+            pending = next(samples, None)
+        yield _batch(images, keys, labels, mask), worker, dict(skips.counts)
+
+
+class ValStream:
+    """Finite validation batches of one rank: every sample once over all ranks; equal batch counts.
+
+    ``len()`` is the number of batches per rank; ``num_samples`` the real samples
+    over all ranks; ``stats()`` the skip counts of the last full pass.
+    """
+
+    def __init__(self, plan: _Plan, layout: _ValLayout, num_samples: int, timeout_s: float) -> None:
+        self._plan, self._layout = plan, layout
+        self.num_samples = num_samples
+        self._timeout_s = timeout_s
+        self._skipped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return self._layout.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # No more worker processes than batches (an idle worker would only cost a fork).
+        plan = dataclasses.replace(self._plan, num_workers=min(self._plan.num_workers, self._layout.num_batches))
+        make = functools.partial(_val_worker, layout=self._layout)
+        iterator = _loader(_WorkerDataset(plan, make, [None] * plan.logical_workers), plan.num_workers,
+                           self._timeout_s)
+        latest: dict[int, dict[str, int]] = {}
+        for _ in range(self._layout.num_batches):
+            batch, worker, skipped = _next_item(iterator, plan, self._timeout_s)
+            latest[worker] = skipped
+            yield batch
+        self._skipped = Counter()
+        for counts in latest.values():
+            self._skipped.update(counts)
+
+    def stats(self) -> dict[str, Any]:
+        """Samples skipped (masked) in the last complete pass, by reason."""
+        return {"skipped": dict(self._skipped), "skipped_total": sum(self._skipped.values())}
+
+
+def build_val_stream(
+    data_cfg: "DataConfig", *, image_size: int, channels: int, value_range: tuple[float, float],
+    batch_size: int, rank: int, world_size: int, s3_cfg: "S3Config | None",
+) -> ValStream:
+    """The validation stream of ``rank``: each sample exactly once over all ranks and workers.
+
+    Needs per-shard sample counts (a directory or S3 prefix with index.json), so
+    that ranks can split the samples without reading them first. No augmentation;
+    ``binarize: dynamic`` validates with the ``fixed`` draw (the same bits every time).
+    """
+    _check_rank(rank, world_size)
+    if batch_size < 1:
+        raise DataError(f"validation batch size must be >= 1, got {batch_size}")
+    sources = resolve_sources(data_cfg.val, default_split="val", s3_cfg=s3_cfg)
+    shards = [shard for source in sources for shard in source.shards]
+    if any(shard.num_samples is None for shard in shards):
+        raise DataError(f"validation source {data_cfg.val!r} has no index.json with sample counts, which exact-once "
+                        "validation over ranks needs; point data.val at a directory or s3:// prefix made by "
+                        "`vae-train prepare`, or write an index with `vae-train prepare index DIR`")
+    starts, total = [], 0
+    for shard in shards:
+        starts.append(total)
+        total += shard.num_samples  # type: ignore[operator]
+    if total == 0:
+        raise DataError(f"validation source {data_cfg.val!r} holds no samples")
+    per_rank = math.ceil(total / world_size)
+    layout = _ValLayout(tuple(starts), rank * total // world_size, (rank + 1) * total // world_size,
+                        math.ceil(per_rank / batch_size))
+    plan = _Plan(
+        sources=tuple(sources),
+        spec=_decode_spec(data_cfg, image_size, channels, value_range, train=False),
+        batch_size=batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
+        seed=0, block_size=1, strict=data_cfg.strict, s3_cfg=s3_cfg,
+    )
+    return ValStream(plan, layout, total, data_cfg.timeout_s)
