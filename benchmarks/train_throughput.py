@@ -64,21 +64,20 @@ def worker(data: str, steps: int, out: str) -> None:
     from vae_train.engine import init_process_group, resolve
     from vae_train.trainer import train
 
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(CONFIG, [f"data.train={data}", "data.val=", f"run_dir={run_dir}", "resume=none",
-                                   f"train.max_steps={WARMUP_STEPS + steps}", "checkpoint.every_steps=0",
-                                   "logging.progress_bar=false"])
-        cfg_resolved, env, device, backend, _, _ = resolve(cfg)
-        init_process_group(env, backend, device, cfg.distributed.timeout_s)
-        bare_before = bare_loop(cfg_resolved, steps)
-        train(cfg)
-        bare_after = bare_loop(cfg_resolved, steps)
-        rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    run_dir = Path(out).parent / "run"  # shared by the ranks (rank 0 writes the metrics)
+    cfg = load_config(CONFIG, [f"data.train={data}", "data.val=", f"run_dir={run_dir}", "resume=none",
+                               f"train.max_steps={WARMUP_STEPS + steps}", "checkpoint.every_steps=0",
+                               "logging.progress_bar=false"])
+    cfg_resolved, env, device, backend, _, _ = resolve(cfg)
+    init_process_group(env, backend, device, cfg.distributed.timeout_s)
+    bare_before = bare_loop(cfg_resolved, steps)
+    train(cfg)
+    bare_after = bare_loop(cfg_resolved, steps)
     if env.rank != 0:
         return
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in rows if r["split"] == "train" and r["step"] > WARMUP_STEPS]
-    # Windows are equal in steps, so the mean of images/s weights them by time correctly enough;
-    # use the harmonic mean (total images / total time) to be exact.
+    # Every window holds the same number of images: their harmonic mean is total images / total time.
     trainer_ips = len(steady) / sum(1 / r["images_per_s"] for r in steady)
     wait = sum(r["data_wait_fraction"] for r in steady) / len(steady)
     Path(out).write_text(json.dumps({"bare_before": bare_before, "bare_after": bare_after, "trainer": trainer_ips,

@@ -32,7 +32,7 @@ fi
 echo "setup: installing vae-train and its pinned dependencies into .venv (first time: ~2 minutes)"
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import vae_train, torch, deepspeed" 2>/dev/null \
+.venv/bin/python -c "import vae_train, torch, deepspeed" >/dev/null 2>&1 \
     || { echo "setup: the install failed; run: .venv/bin/pip install -e '.[test]'" >&2; exit 1; }
 
 if .venv/bin/vae-train build-ops --help >/dev/null 2>&1; then

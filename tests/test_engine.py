@@ -109,6 +109,17 @@ def test_explicit_config_wins_over_accelerate_with_a_note() -> None:
     assert len(notes) == 1 and "zero_stage=3" in notes[0] and "using 1" in notes[0]
 
 
+def test_accelerate_deepspeed_json_counts_as_the_launcher_choice(tmp_path: Path) -> None:
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "bf16": {"enabled": True}}))
+    cfg, notes = apply_launcher_settings(Config(), {"ACCELERATE_USE_DEEPSPEED": "true",
+                                                    "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)})
+    assert (cfg.distributed.zero_stage, cfg.distributed.precision) == (3, "bf16")
+    assert cfg.distributed.deepspeed_config == str(ds_json) and notes == []
+    merged = merge_deepspeed_config(_ds(cfg), load_user_deepspeed_config(str(ds_json)), "ds.json")
+    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+
+
 def test_without_accelerate_nothing_changes() -> None:
     cfg = Config()
     assert apply_launcher_settings(cfg, {"ACCELERATE_MIXED_PRECISION": "bf16"}) == (cfg, [])

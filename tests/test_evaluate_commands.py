@@ -131,6 +131,19 @@ def test_sample_writes_a_grid_and_single_images(tiny_run: TinyRun, tmp_path: Pat
     assert len(files) == 16 and _png_size(files[0]) == (28, 28)
 
 
+def test_image_commands_read_s3_checkpoints(tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for env_name, value in tiny_run.s3_env.items():
+        monkeypatch.setenv(env_name, value)
+    local, remote = tmp_path / "local.png", tmp_path / "remote.png"
+    assert main(["sample", "--checkpoint", str(tiny_run.checkpoint), "--n", "9", "--out", str(local)]) == 0
+    assert main(["sample", "--checkpoint", tiny_run.remote_checkpoint, "--n", "9", "--out", str(remote)]) == 0
+    assert local.read_bytes() == remote.read_bytes()  # same weights, same seed
+    recon = tmp_path / "recon.png"
+    assert main(["reconstruct", "--checkpoint", tiny_run.remote_export, "--data", str(tiny_run.shards),
+                 "--n", "4", "--out", str(recon), "data.num_workers=0"]) == 0
+    assert _png_size(recon) == (8 * 30 + 2, 30 + 2)
+
+
 def test_reconstruct_and_interpolate_grids(tiny_run: TinyRun, tmp_path: Path) -> None:
     recon = tmp_path / "recon.png"
     assert main(["reconstruct", "--checkpoint", str(tiny_run.checkpoint), "--data", str(tiny_run.shards),

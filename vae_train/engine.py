@@ -195,7 +195,17 @@ def apply_launcher_settings(cfg: Config, environ: dict[str, str] | None = None) 
             raise EngineError(f"accelerate mixed_precision={mixed!r} is not supported; use no, bf16 or fp16")
         from_launcher["precision"] = precision
     if environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-        from_launcher["deepspeed_config"] = environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+        # A DeepSpeed JSON named by the accelerate config: merged like distributed.deepspeed_config,
+        # and its ZeRO stage / precision count as the launcher's choice.
+        path = environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+        from_launcher["deepspeed_config"] = path
+        user = load_user_deepspeed_config(path)
+        stage = _get_path(user, ("zero_optimization", "stage"))
+        if isinstance(stage, int):
+            from_launcher.setdefault("zero_stage", stage)
+        for precision in ("bf16", "fp16"):
+            if _get_path(user, (precision, "enabled")) is True:
+                from_launcher.setdefault("precision", precision)
     notes, update = [], {}
     explicit = cfg.distributed.model_fields_set
     for key, value in from_launcher.items():
@@ -634,9 +644,12 @@ class Engine:
         self.ds.step()
         if self.gate.decision is None:
             # DeepSpeed's own overflow check (fp16 loss scaling, or a non-finite norm
-            # under ZeRO) skipped the inner step on every rank before the gate ran.
+            # under ZeRO; itself an all-reduce) skipped the inner step on every rank
+            # before the gate ran.
             norm = self.ds.get_global_grad_norm()
-            return StepDecision(False, float(norm) if norm is not None else float("nan"), "DeepSpeed overflow")
+            reason = "non-finite gradients (DeepSpeed's overflow check" + (
+                "; fp16 loss scale lowered)" if self.cfg.distributed.precision == "fp16" else ")")
+            return StepDecision(False, float(norm) if norm is not None else float("nan"), reason)
         return self.gate.decision
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:

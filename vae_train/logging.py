@@ -6,7 +6,8 @@ straight. TensorBoard layout under ``{run_dir}/tb/``:
 
 * ``train/{loss,recon,kl,beta,lr,grad_norm,skipped_steps,images_per_s,
   data_wait_fraction,bits_per_dim,active_channels}`` scalars,
-* ``val/{nelbo,recon,kl,bits_per_dim}`` scalars,
+* ``val/*`` scalars: every metric of :func:`vae_train.evaluate.evaluate_stream`
+  (``nelbo_nats``, ``nelbo_bpd``, ``recon_nats``, ``kl_nats``, ``active_channels``, ``psnr_db``, ...),
 * ``images/reconstructions`` (inputs beside their reconstructions, in pairs) and
   ``images/samples`` (from the prior) grids,
 * ``latent/kl_per_channel`` histogram: a channel whose KL sits near zero

@@ -105,7 +105,7 @@ def train(cfg: Config) -> TrainResult:
     beta_at = build_beta_schedule(cfg)
     inject_nan = _parse_inject_nan(os.environ.get(INJECT_NAN_ENV, ""))
     value_range = likelihood_value_range(cfg.model.likelihood)
-    num_dims = cfg.model.in_channels * cfg.model.image_size**2
+    num_dims = model.num_dims  # pixels x channels the likelihood scores
     window = _Window()
     probe: torch.Tensor | None = None  # a fixed batch for the reconstruction grids
     last_loss, preempted = float("nan"), False
@@ -179,7 +179,7 @@ def train(cfg: Config) -> TrainResult:
                 if _due(step, cfg.logging.image_every) and probe is not None:
                     logger.images(step, _image_grids(engine, probe, value_range, cfg.seed))
                 if val_stream is not None and _due(step, cfg.train.val_every) and step < cfg.train.max_steps:
-                    logger.scalars(step, validate(engine, val_stream, cfg, num_dims), prefix="val")
+                    logger.scalars(step, validate(engine, val_stream, cfg), prefix="val")
 
                 # checkpoint, and stop cleanly when SLURM/the cluster asks for the machine back
                 checkpoints.maybe_save(step, trainer_state)
@@ -193,7 +193,7 @@ def train(cfg: Config) -> TrainResult:
 
         if not preempted:
             if val_stream is not None:
-                logger.scalars(step, validate(engine, val_stream, cfg, num_dims), prefix="val")
+                logger.scalars(step, validate(engine, val_stream, cfg), prefix="val")
             if probe is not None:
                 _final_grids(engine, logger, probe, value_range, cfg, step)
             if _checkpointing_enabled(cfg):
@@ -316,23 +316,20 @@ def _evaluating(engine: Engine) -> Iterator[torch.nn.Module]:
         module.train(was_training)
 
 
-def validate(engine: Engine, val_stream: Any, cfg: Config, num_dims: int) -> dict[str, float]:
-    """Validation ELBO over the whole split (or ``train.val_batches`` per rank), summed over ranks."""
-    sums = [0.0, 0.0, 0.0]  # recon, kl, images
+def validate(engine: Engine, val_stream: Any, cfg: Config) -> dict[str, float]:
+    """Validation metrics over the whole split (or ``train.val_batches`` per rank), same on every rank.
+
+    :func:`vae_train.evaluate.evaluate_stream` does the work (ELBO and bits/dim,
+    optional IW-NLL, active units, PSNR/SSIM), so training validation and
+    ``vae-train eval`` report identical numbers; its noise comes from its own
+    generator, leaving the training RNG streams untouched.
+    """
+    from vae_train.evaluate import evaluate_stream
+
     with _evaluating(engine) as module:
-        for index, batch in enumerate(val_stream):
-            if cfg.train.val_batches and index >= cfg.train.val_batches:
-                break
-            x = batch["image"].to(engine.device, engine.compute_dtype)
-            mask = batch["mask"].to(engine.device).float() if "mask" in batch else torch.ones(len(x), device=engine.device)
-            out = module(x)
-            sums[0] += float((out.recon_nll.float() * mask).sum())
-            sums[1] += float((out.kl.float() * mask).sum())
-            sums[2] += float(mask.sum())
-    recon, kl, count = engine.all_reduce_sum(sums)
-    count = max(count, 1.0)
-    nelbo = (recon + kl) / count
-    return {"nelbo": nelbo, "recon": recon / count, "kl": kl / count, "bits_per_dim": bits_per_dim(nelbo, num_dims)}
+        metrics = evaluate_stream(module, val_stream, cfg.eval.iw_samples, max_batches=cfg.train.val_batches,
+                                  active_threshold=cfg.logging.active_unit_threshold, seed=cfg.seed)
+    return {key: float(value) for key, value in metrics.items()}
 
 
 def _image_grids(engine: Engine, probe: torch.Tensor, value_range: tuple[float, float], seed: int) -> dict[str, Any]:
