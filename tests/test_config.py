@@ -98,3 +98,11 @@ def test_config_show_bad_key_is_one_message_without_traceback() -> None:
     assert result.returncode == 2
     assert "did you mean 'model.latent_channels'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_binarize_auto_follows_the_likelihood_and_refuses_binary_pixels_elsewhere() -> None:
+    assert load_config(None).data.binarize == "dynamic"
+    assert load_config(None, ["model.likelihood=logistic"]).data.binarize == "none"
+    assert load_config(None, ["data.binarize=fixed"]).data.binarize == "fixed"
+    with pytest.raises(ConfigError, match="only the bernoulli likelihood"):
+        load_config(None, ["model.likelihood=gaussian_fixed", "data.binarize=dynamic"])

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vae_train.errors import VaeTrainError
-from vae_train.storage import ObjectStore, StorageError, backoff_delay, open_store, retry
+from vae_train.storage import ObjectStore, StorageError, backoff_delay, open_store, retry, temp_sibling, write_atomic
 
 if TYPE_CHECKING:
     from vae_train.config import Config
@@ -182,23 +182,6 @@ def verify_local(ckpt_dir: str | Path, manifest: Manifest, *, hashes: bool = Tru
         elif hashes and sha256_file(path) != entry.sha256:
             problems.append(f"{name}: SHA-256 mismatch")
     return problems
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write-then-rename with fsync, so a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _owner_rank(name: str) -> int:
@@ -745,8 +728,8 @@ class CheckpointManager:
             data = json.dumps(body, sort_keys=True).encode()
         except TypeError as exc:
             raise CheckpointError(f"trainer state must be JSON-serialisable (dicts, lists, numbers, strings): {exc}") from None
-        _write_atomic(ckpt_dir / json_name, data)
-        tmp = ckpt_dir / f".{rng_name}.{uuid.uuid4().hex}.tmp"
+        write_atomic(ckpt_dir / json_name, data)
+        tmp = temp_sibling(ckpt_dir / rng_name)
         save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp))
         os.replace(tmp, ckpt_dir / rng_name)
 
@@ -764,10 +747,10 @@ class CheckpointManager:
     def _commit_local(self, ckpt_dir: Path, manifest: Manifest) -> None:
         """Rank 0 writes the manifest; on node-local disks every node's local rank 0 writes its copy."""
         if self.rank == 0:
-            _write_atomic(ckpt_dir / MANIFEST, manifest.to_json())
+            write_atomic(ckpt_dir / MANIFEST, manifest.to_json())
         _barrier()
         if self.local_rank == 0 and self.rank != 0 and not (ckpt_dir / MANIFEST).exists():
-            _write_atomic(ckpt_dir / MANIFEST, manifest.to_json())
+            write_atomic(ckpt_dir / MANIFEST, manifest.to_json())
 
     def _apply_local_retention(self, protect_from: int | None) -> None:
         """Keep the newest ``keep_last`` (+ ``keep_every``) committed; never touch pending uploads."""
@@ -1002,7 +985,7 @@ def convert_to_universal(src: Path, dest: Path) -> None:
 
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_sibling(dest)
     args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     try:
@@ -1056,7 +1039,7 @@ def download_checkpoint(store: ObjectStore, step: int, dest: str | Path, workers
             problems = [p for p in pool.map(fetch, manifest.files.items()) if p]
         if problems:
             raise CheckpointError(f"checkpoint {where} is corrupted: {'; '.join(problems[:5])}")
-        _write_atomic(staging / MANIFEST, raw)
+        write_atomic(staging / MANIFEST, raw)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)

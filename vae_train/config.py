@@ -100,10 +100,10 @@ class DataConfig(Section):
     samples_per_epoch: int = Field(
         0, ge=0, description="Samples per logical epoch over all ranks (0 = the train split's size from index.json)."
     )
-    binarize: Literal["none", "dynamic", "fixed"] = Field(
-        "dynamic",
+    binarize: Literal["auto", "none", "dynamic", "fixed"] = Field(
+        "auto",
         description="Binarize pixels for a Bernoulli likelihood: a fresh draw per read (dynamic), a "
-        "fixed-seed draw (fixed), or keep intensities (none).",
+        "fixed-seed draw (fixed), or keep intensities (none); auto = dynamic for bernoulli, else none.",
     )
     random_flip: bool = Field(False, description="Random horizontal flips of training images.")
     random_crop: bool = Field(False, description="Random crops of training images to model.image_size (else centre).")
@@ -231,6 +231,18 @@ class Config(Section):
     s3: S3Config = Field(default_factory=S3Config, description="S3 client.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+
+    @model_validator(mode="after")
+    def _resolve_binarize(self) -> "Config":
+        """Binarization belongs to the Bernoulli likelihood: resolve ``auto``, refuse it elsewhere."""
+        if self.data.binarize == "auto":
+            self.data.binarize = "dynamic" if self.model.likelihood == "bernoulli" else "none"
+        elif self.data.binarize != "none" and self.model.likelihood != "bernoulli":
+            raise ValueError(
+                f"data.binarize={self.data.binarize} turns pixels into 0/1, which only the bernoulli likelihood "
+                f"models; with model.likelihood={self.model.likelihood} set data.binarize=none (or auto)"
+            )
+        return self
 
     def to_yaml(self) -> str:
         """The resolved config as YAML, loadable again with :func:`load_config`."""

@@ -32,6 +32,7 @@ Public interface (used by :mod:`vae_train.checkpoint` and the data pipeline)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -219,6 +220,34 @@ class ObjectStore:
         raise NotImplementedError
 
 
+
+def temp_sibling(path: Path) -> Path:
+    """A hidden, unique temporary name beside ``path``: renaming it onto ``path`` is atomic."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` and fsync it, so a later rename never exposes a file whose bytes are not on disk."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write-then-rename with fsync, so a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 class LocalStore(ObjectStore):
     """A directory used as an object store (shared filesystems, tests)."""
 
@@ -232,21 +261,18 @@ class LocalStore(ObjectStore):
     def put_file(self, path: str | Path, key: str, metadata: dict[str, str] | None = None) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temp_sibling(dest)
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
 
     def put_bytes(self, data: bytes, key: str, *, if_none_match: bool = False) -> bool:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         if not if_none_match:
-            os.replace(tmp, dest)
+            write_atomic(dest, data)
             return True
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(dest)
+        _write_synced(tmp, data)
         try:
             os.link(tmp, dest)  # atomic create-if-absent
             return True
@@ -261,7 +287,7 @@ class LocalStore(ObjectStore):
             raise FileNotFoundError(f"{src} does not exist")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temp_sibling(path)
         shutil.copyfile(src, tmp)
         os.replace(tmp, path)
 

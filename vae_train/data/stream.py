@@ -322,11 +322,14 @@ def _decode_spec(data_cfg: "DataConfig", image_size: int, channels: int,
         raise DataError(f"image shards hold grayscale or RGB images; model.in_channels={channels} is not supported "
                         "by the image decoder (use 1 or 3)")
     low, high = float(value_range[0]), float(value_range[1])
-    if data_cfg.binarize != "none" and (low, high) != (0.0, 1.0) and train:
+    binarize = data_cfg.binarize
+    if binarize == "auto":  # a DataConfig used outside a Config: (0, 1) is the Bernoulli range
+        binarize = "dynamic" if (low, high) == (0.0, 1.0) else "none"
+    if binarize != "none" and (low, high) != (0.0, 1.0) and train:
         log.warning("data.binarize=%s with value range %s: binarized pixels become {%g, %g}; "
-                    "binarization is meant for the Bernoulli likelihood", data_cfg.binarize, value_range, low, high)
+                    "binarization is meant for the Bernoulli likelihood", binarize, value_range, low, high)
     return DecodeSpec(image_size=image_size, channels=channels, value_range=(low, high),
-                      binarize=data_cfg.binarize, resize=data_cfg.resize,
+                      binarize=binarize, resize=data_cfg.resize,
                       random_crop=data_cfg.random_crop and train, random_flip=data_cfg.random_flip and train)
 
 
