@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ckpt_worker import finish_job
 from vae_train.export import consolidated_state_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -42,15 +43,11 @@ def _start(shards: Path, run_dir: Path, env: dict[str, str], *overrides: str, sc
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, timeout_s: float = 300) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"training timed out:\n{out[-4000:]}") from None
-    assert proc.returncode == 0, out[-6000:]
-    return out
+def _finish(proc: subprocess.Popen) -> str:
+    """The run's output, after checking that it exited cleanly (a hung run is killed and fails)."""
+    result = finish_job(proc, timeout_s=300)
+    assert result.returncode == 0, result.stdout[-6000:]
+    return result.stdout
 
 
 def _has(client, bucket: str, key: str) -> bool:
