@@ -50,22 +50,60 @@ void check_inputs(const at::Tensor& mu, const at::Tensor& logvar, const c10::opt
 
 uint64_t seed_of(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
 
+// Checked, contiguous inputs and their (B, C, S) layout: where every forward and backward starts.
+struct Inputs {
+  at::Tensor mu, logvar;
+  c10::optional<at::Tensor> eps;  // absent: the kernels draw the noise from the seed
+  Planes pl;
+
+  template <typename T>
+  const T* eps_data() const {
+    return eps.has_value() ? static_cast<const T*>(eps->const_data_ptr()) : nullptr;
+  }
+};
+
+Inputs prepare_inputs(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& eps) {
+  check_inputs(mu, logvar, eps);
+  const at::Tensor mu_c = mu.contiguous();
+  return {mu_c, logvar.contiguous(), eps.has_value() ? c10::optional<at::Tensor>(eps->contiguous()) : eps,
+          planes_of(mu_c)};
+}
+
+// z in the inputs' dtype; the KL sums per plane and per image in the accumulation type.
+struct ForwardOutputs {
+  at::Tensor z, kl, kl_plane;
+};
+
+ForwardOutputs allocate_forward_outputs(const Inputs& in) {
+  const auto acc = in.mu.options().dtype(acc_type(in.mu.scalar_type()));
+  return {at::empty_like(in.mu), at::empty({in.pl.batch}, acc), at::empty({in.pl.batch, in.pl.channels}, acc)};
+}
+
+// Upstream gradients in the dtypes the backward kernels read, contiguous.
+struct Grads {
+  at::Tensor dz, dkl, dkl_plane;
+};
+
+Grads prepare_grads(const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& grad_kl_plane,
+                    const Inputs& in) {
+  const auto acc = acc_type(in.mu.scalar_type());
+  return {grad_z.to(in.mu.scalar_type()).contiguous(), grad_kl.to(acc).contiguous(),
+          grad_kl_plane.to(acc).contiguous()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu_op(const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                               const c10::optional<at::Tensor>& eps_in,
                                                               const at::Tensor& seed) {
-  check_inputs(mu_in, logvar_in, eps_in);
-  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
-  const c10::optional<at::Tensor> eps = eps_in.has_value() ? c10::optional<at::Tensor>(eps_in->contiguous()) : eps_in;
-  const Planes pl = planes_of(mu);
-  at::Tensor z = at::empty_like(mu);
-  const auto acc = mu.options().dtype(acc_type(mu.scalar_type()));
-  at::Tensor kl_plane = at::empty({pl.batch, pl.channels}, acc);
-  at::Tensor kl = at::empty({pl.batch}, acc);
+  const Inputs in = prepare_inputs(mu_in, logvar_in, eps_in);
+  const at::Tensor &mu = in.mu, &logvar = in.logvar;
+  const Planes pl = in.pl;
+  const ForwardOutputs out = allocate_forward_outputs(in);
+  const at::Tensor &z = out.z, &kl = out.kl, &kl_plane = out.kl_plane;
   const uint64_t s = seed_of(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_cpu<scalar_t, acc_t>(mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(),
-                                 eps.has_value() ? eps->const_data_ptr<scalar_t>() : nullptr, s,
+                                 in.eps_data<scalar_t>(), s,
                                  z.mutable_data_ptr<scalar_t>(), kl_plane.mutable_data_ptr<acc_t>(),
                                  kl.mutable_data_ptr<acc_t>(), pl.batch, pl.channels, pl.plane_size);
   });
@@ -76,14 +114,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu_op(const at::Tensor& grad_z, con
                                                    const at::Tensor& grad_kl_plane, const at::Tensor& mu_in,
                                                    const at::Tensor& logvar_in,
                                                    const c10::optional<at::Tensor>& eps_in, const at::Tensor& seed) {
-  check_inputs(mu_in, logvar_in, eps_in);
-  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
-  const c10::optional<at::Tensor> eps = eps_in.has_value() ? c10::optional<at::Tensor>(eps_in->contiguous()) : eps_in;
-  const Planes pl = planes_of(mu);
-  const auto acc = acc_type(mu.scalar_type());
-  const at::Tensor dz = grad_z.to(mu.scalar_type()).contiguous();
-  const at::Tensor dkl = grad_kl.to(acc).contiguous();
-  const at::Tensor dkl_plane = grad_kl_plane.to(acc).contiguous();
+  const Inputs in = prepare_inputs(mu_in, logvar_in, eps_in);
+  const at::Tensor &mu = in.mu, &logvar = in.logvar;
+  const Planes pl = in.pl;
+  const Grads g = prepare_grads(grad_z, grad_kl, grad_kl_plane, in);
+  const at::Tensor &dz = g.dz, &dkl = g.dkl, &dkl_plane = g.dkl_plane;
   at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(mu);
   const uint64_t s = seed_of(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_bwd", [&] {
@@ -91,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu_op(const at::Tensor& grad_z, con
     backward_cpu<scalar_t, acc_t>(dz.const_data_ptr<scalar_t>(), dkl.const_data_ptr<acc_t>(),
                                   dkl_plane.const_data_ptr<acc_t>(), mu.const_data_ptr<scalar_t>(),
                                   logvar.const_data_ptr<scalar_t>(),
-                                  eps.has_value() ? eps->const_data_ptr<scalar_t>() : nullptr, s,
+                                  in.eps_data<scalar_t>(), s,
                                   grad_mu.mutable_data_ptr<scalar_t>(), grad_logvar.mutable_data_ptr<scalar_t>(),
                                   pl.batch, pl.channels, pl.plane_size);
   });
@@ -126,18 +161,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda_op(const at::Tensor&
                                                                const at::Tensor& logvar_in,
                                                                const c10::optional<at::Tensor>& eps_in,
                                                                const at::Tensor& seed) {
-  check_inputs(mu_in, logvar_in, eps_in);
   const c10::cuda::CUDAGuard guard(mu_in.device());
-  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
-  const c10::optional<at::Tensor> eps = eps_in.has_value() ? c10::optional<at::Tensor>(eps_in->contiguous()) : eps_in;
-  const Planes pl = planes_of(mu);
-  at::Tensor z = at::empty_like(mu);
-  const auto acc = mu.options().dtype(acc_type(mu.scalar_type()));
-  at::Tensor kl_plane = at::empty({pl.batch, pl.channels}, acc);
-  at::Tensor kl = at::empty({pl.batch}, acc);
+  const Inputs in = prepare_inputs(mu_in, logvar_in, eps_in);
+  const at::Tensor &mu = in.mu, &logvar = in.logvar;
+  const Planes pl = in.pl;
+  const ForwardOutputs out = allocate_forward_outputs(in);
+  const at::Tensor &z = out.z, &kl = out.kl, &kl_plane = out.kl_plane;
   const char* err = vae_train_ops::forward_cuda(
       cuda_dtype(mu.scalar_type()), mu.const_data_ptr(), logvar.const_data_ptr(),
-      eps.has_value() ? eps->const_data_ptr() : nullptr, seed_of(seed), z.mutable_data_ptr(),
+      in.eps_data<void>(), seed_of(seed), z.mutable_data_ptr(),
       kl_plane.mutable_data_ptr(), kl.mutable_data_ptr(), pl.batch, pl.channels, pl.plane_size,
       c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "reparam_kl forward CUDA kernel failed: ", err);
@@ -148,19 +180,16 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda_op(const at::Tensor& grad_z, co
                                                     const at::Tensor& grad_kl_plane, const at::Tensor& mu_in,
                                                     const at::Tensor& logvar_in,
                                                     const c10::optional<at::Tensor>& eps_in, const at::Tensor& seed) {
-  check_inputs(mu_in, logvar_in, eps_in);
   const c10::cuda::CUDAGuard guard(mu_in.device());
-  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
-  const c10::optional<at::Tensor> eps = eps_in.has_value() ? c10::optional<at::Tensor>(eps_in->contiguous()) : eps_in;
-  const Planes pl = planes_of(mu);
-  const auto acc = acc_type(mu.scalar_type());
-  const at::Tensor dz = grad_z.to(mu.scalar_type()).contiguous();
-  const at::Tensor dkl = grad_kl.to(acc).contiguous();
-  const at::Tensor dkl_plane = grad_kl_plane.to(acc).contiguous();
+  const Inputs in = prepare_inputs(mu_in, logvar_in, eps_in);
+  const at::Tensor &mu = in.mu, &logvar = in.logvar;
+  const Planes pl = in.pl;
+  const Grads g = prepare_grads(grad_z, grad_kl, grad_kl_plane, in);
+  const at::Tensor &dz = g.dz, &dkl = g.dkl, &dkl_plane = g.dkl_plane;
   at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(mu);
   const char* err = vae_train_ops::backward_cuda(
       cuda_dtype(mu.scalar_type()), dz.const_data_ptr(), dkl.const_data_ptr(), dkl_plane.const_data_ptr(),
-      mu.const_data_ptr(), logvar.const_data_ptr(), eps.has_value() ? eps->const_data_ptr() : nullptr,
+      mu.const_data_ptr(), logvar.const_data_ptr(), in.eps_data<void>(),
       seed_of(seed), grad_mu.mutable_data_ptr(), grad_logvar.mutable_data_ptr(), pl.batch, pl.channels,
       pl.plane_size, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "reparam_kl backward CUDA kernel failed: ", err);
