@@ -1,6 +1,6 @@
 """A tiny real DeepSpeed training job used by the checkpoint tests (run as a subprocess).
 
-``python -m tests.ckpt_worker SPEC.json`` spawns ``spec["world"]`` ranks (gloo,
+``python -m tests.integration.ckpt_worker SPEC.json`` spawns ``spec["world"]`` ranks (gloo,
 CPU), each training a tiny :class:`~vae_train.model.ConvVAE` under
 ``deepspeed.initialize`` with a torch.optim AdamW, and drives
 :class:`~vae_train.checkpoint.CheckpointManager` exactly like a training loop:
@@ -22,22 +22,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tests.launching import REPO, clean_env, finish, free_port, start
+
 MODEL = {"image_size": 8, "in_channels": 1, "base_channels": 8, "channel_mult": [1, 2], "latent_channels": 2,
          "norm_groups": 4, "reparam": "reference"}
 MICRO_BATCH = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(seed: int, step: int, rank: int):
@@ -196,26 +191,13 @@ def start_job(spec: dict[str, Any], workdir: Path, env: dict[str, str] | None = 
     """Start one job in its own session (so its SIGKILL of its process group spares pytest)."""
     spec_path = workdir / f"spec-{time.monotonic_ns()}.json"
     spec_path.write_text(json.dumps(spec))
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "tests.ckpt_worker", str(spec_path)],
-                            cwd=Path(__file__).parent.parent, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def finish_job(proc: subprocess.Popen, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    """Wait for a job; on timeout kill its whole process group (the ranks too) and fail."""
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"job timed out after {timeout_s}s:\n{out[-4000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    return start([sys.executable, "-m", "tests.integration.ckpt_worker", str(spec_path)], env=clean_env(**(env or {})),
+                 cwd=REPO)
 
 
 def run_job(spec: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
             timeout_s: float = 240) -> subprocess.CompletedProcess:
-    return finish_job(start_job(spec, workdir, env), timeout_s)
+    return finish(start_job(spec, workdir, env), timeout_s)
 
 
 def result(spec: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +210,7 @@ def main() -> None:
     import torch.multiprocessing as mp
 
     world = spec["world"]
-    mp.spawn(_worker, args=(world, _free_port(), spec), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), spec), nprocs=world, join=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Checkpoint sync end to end: real multi-process DeepSpeed (gloo, CPU, ZeRO-2) + real SeaweedFS S3.
 
-Each job is ``tests/ckpt_worker.py`` in its own process group: a tiny ConvVAE
+Each job is ``tests/integration/ckpt_worker.py`` in its own process group: a tiny ConvVAE
 trained by 1, 2 or 4 ranks, checkpointed by CheckpointManager exactly like the
 trainer does, with faults (SIGKILL mid-save / mid-upload / after a save, S3
 server stopped) injected from the test side.
@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.ckpt_worker import finish_job, result, run_job, start_job
+from tests.integration.ckpt_worker import result, run_job, start_job
+from tests.launching import finish
 from vae_train import checkpoint as ck
 from vae_train.config import config_from_dict
 
@@ -176,7 +177,7 @@ def test_s3_down_during_upload_training_continues_then_commits(s3_server, s3_buc
     finally:
         s3_server.start()
     (out / "server_up").touch()
-    log = _ok(finish_job(proc))
+    log = _ok(finish(proc))
     res = result(spec)
     assert res["trained_during_outage"] >= 3 and res["uploads_done"]
     assert res["committed_remote"][-1] == 8 and 6 not in res["committed_remote"], log[-5000:]

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +17,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.launching import clean_env, run, torchrun
 from vae_train.cli import main
 from vae_train.evaluate import auroc
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
 VAL_SAMPLES = 300  # the val split of the fashion_shards fixture
 
@@ -44,13 +43,13 @@ def tiny_run(fashion_shards: Path, s3_server, tmp_path_factory: pytest.TempPathF
     """40 steps of configs/tiny.yaml, checkpointed locally and to S3, then exported (local and S3)."""
     root = tmp_path_factory.mktemp("tiny-run")
     bucket = s3_server.new_bucket()
-    env = {**os.environ, **s3_server.env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    subprocess.run(
+    trained = run(
         [sys.executable, "-m", "vae_train", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
          f"data.train={fashion_shards}", f"data.val={fashion_shards}", f"run_dir={root / 'run'}",
          f"train.max_steps={STEPS}", f"checkpoint.every_steps={STEPS}", f"checkpoint.remote=s3://{bucket}/run"],
-        env=env, check=True, timeout=240, capture_output=True,
+        env=clean_env(**s3_server.env()), timeout_s=240,
     )
+    assert trained.returncode == 0, trained.stderr[-4000:]
     checkpoint = root / "run" / "checkpoints" / f"step-{STEPS:08d}"
     assert main(["export", str(checkpoint), "--out", str(root / "export")]) == 0
     client = s3_server.client()
@@ -92,13 +91,9 @@ def test_eval_local_export_and_s3_agree(tiny_run: TinyRun, tmp_path: Path, monke
 def test_eval_exactly_once_with_two_ranks(tiny_run: TinyRun, tmp_path: Path) -> None:
     single = _eval(tiny_run, str(tiny_run.export), tmp_path / "one.json", "--batch-size", "64")
     out = tmp_path / "two.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "vae_train", "eval", "--checkpoint", str(tiny_run.export), "--data", str(tiny_run.shards),
-         "--batch-size", "64", "--out", str(out), "data.num_workers=0"],
-        env=env, check=True, timeout=240, capture_output=True,
-    )
+    done = run(torchrun("-m", "vae_train", "eval", "--checkpoint", str(tiny_run.export), "--data", str(tiny_run.shards),
+                        "--batch-size", "64", "--out", str(out), "data.num_workers=0"), timeout_s=240)
+    assert done.returncode == 0, done.stderr[-4000:]
     two = json.loads(out.read_text())
     assert two["world_size"] == 2
     assert two["images"] == VAL_SAMPLES  # 300 samples over 2 ranks x 3 batches of 64: padding masked out
@@ -107,14 +102,6 @@ def test_eval_exactly_once_with_two_ranks(tiny_run: TinyRun, tmp_path: Path) -> 
     assert two["psnr_db"] == pytest.approx(single["psnr_db"], rel=1e-9)
     assert two["ssim"] == pytest.approx(single["ssim"], rel=1e-9)
     assert two["nelbo_nats"] == pytest.approx(single["nelbo_nats"], abs=2.0)  # other noise per rank
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _png_size(path: Path) -> tuple[int, int]:

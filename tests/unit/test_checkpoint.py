@@ -149,6 +149,7 @@ def test_resume_modes(tmp_path):
         manager.resolve_resume(cfg.model_copy(update={"resume": str(newest)}))
 
 
+@pytest.mark.slow  # starts the real S3 server
 def test_unusable_remote_fails_before_training(s3_env, s3_bucket, tmp_path, monkeypatch):
     cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "checkpoint": {"remote": f"s3://{s3_bucket}/run"}})
     ck.CheckpointManager(cfg, rank=0, world_size=1, local_rank=0).close()  # good credentials: fine

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.launching import free_port
 from vae_train.cli import main
 from vae_train.config import DataConfig, S3Config
 from vae_train.data import DataError, build_train_stream, build_val_stream
@@ -86,9 +86,7 @@ def test_wrong_credentials_fail_at_start_up(s3_env, s3_shards, monkeypatch) -> N
 
 def test_unreachable_endpoint_fails_fast(s3_env, s3_shards) -> None:
     uri, _ = s3_shards
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed once we leave: nothing listens there
+    port = free_port()  # nothing listens there
     start = time.monotonic()
     with pytest.raises(DataError, match="cannot reach"):
         _train(uri, S3Config(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1, connect_timeout_s=1))

@@ -1,4 +1,4 @@
-"""Worker for tests/test_engine.py (run under torchrun): the same global batch as 1 micro-batch or 2.
+"""Worker for tests/unit/test_engine.py (run under torchrun): the same global batch as 1 micro-batch or 2.
 
 Prints one JSON line on rank 0: {"accum": [grad norms per step], ...} for accumulation 1 and 2.
 """

@@ -14,9 +14,10 @@ from typing import Iterator
 
 import pytest
 
+from tests.launching import clean_env, run, torchrun
 from vae_train.preemption import PreemptionHandler, requeue_if_slurm, restart_count
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -79,10 +80,7 @@ _AGREE_SCRIPT = textwrap.dedent("""
 def test_all_ranks_stop_at_the_same_step_when_one_rank_is_signalled(tmp_path: Path) -> None:
     script = tmp_path / "agree.py"
     script.write_text(_AGREE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))}
-    env["PYTHONPATH"] = str(REPO)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], env=env, capture_output=True, text=True, timeout=100)
+    out = run(torchrun(str(script)), env=clean_env(PYTHONPATH=str(REPO)), timeout_s=100)
     assert out.returncode == 0, out.stderr
     expected = "agreed=[False, False, False, True, True, True]"
     assert f"rank 0 local=False {expected}" in out.stdout, out.stdout + out.stderr

@@ -1,51 +1,39 @@
 """The exact-resume property with the real trainer: ``torchrun train.py``, 2 ranks, CPU, fp32, ZeRO-2.
 
 An uninterrupted run of 2N steps and a run SIGKILLed right after its step-N
-checkpoint committed to S3 (``tests/train_kill_after_save.py``), then resumed
+checkpoint committed to S3 (``tests/integration/train_kill_after_save.py``), then resumed
 from S3 into an empty run dir with ``resume=auto``, end with bitwise-identical
 weights (real Fashion-MNIST shards, real SeaweedFS).
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.ckpt_worker import finish_job
+from tests.launching import clean_env, finish, kill_group, start, torchrun
 from vae_train.export import consolidated_state_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 N = 10
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(shards: Path, run_dir: Path, env: dict[str, str], *overrides: str, script: str = "train.py") -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), script, "--config", "configs/tiny.yaml",
-           f"data.train={shards}", f"data.val={shards}", f"run_dir={run_dir}", "distributed.zero_stage=2",
-           "distributed.precision=fp32", f"train.max_steps={2 * N}", "checkpoint.every_steps=5",
-           "logging.image_every=0", "logging.histogram_every=0", "resume=auto", *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = torchrun(script, "--config", "configs/tiny.yaml",
+                   f"data.train={shards}", f"data.val={shards}", f"run_dir={run_dir}", "distributed.zero_stage=2",
+                   "distributed.precision=fp32", f"train.max_steps={2 * N}", "checkpoint.every_steps=5",
+                   "logging.image_every=0", "logging.histogram_every=0", "resume=auto", *overrides)
+    return start(cmd, env=clean_env(**env))
 
 
 def _finish(proc: subprocess.Popen) -> str:
     """The run's output, after checking that it exited cleanly (a hung run is killed and fails)."""
-    result = finish_job(proc, timeout_s=300)
+    result = finish(proc, timeout_s=300)
     assert result.returncode == 0, result.stdout[-6000:]
     return result.stdout
 
@@ -68,12 +56,11 @@ def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server,
 
     # Same run, SIGKILLed right after its step-N checkpoint committed and uploaded to S3.
     killed = _start(fashion_shards, tmp_path / "killed", {**env, "VAE_TEST_KILL_AFTER_STEP": str(N)},
-                    f"checkpoint.remote={remote}", script="tests/train_kill_after_save.py")
+                    f"checkpoint.remote={remote}", script="tests/integration/train_kill_after_save.py")
     try:
         out, _ = killed.communicate(timeout=300)
     finally:
-        if killed.poll() is None:
-            os.killpg(killed.pid, signal.SIGKILL)
+        kill_group(killed)
     assert killed.returncode == -signal.SIGKILL, out[-4000:]
     assert _has(client, s3_bucket, f"run/step-{N:08d}/manifest.json")
     assert not _has(client, s3_bucket, f"run/step-{N + 5:08d}/manifest.json")

@@ -10,15 +10,14 @@ and partitioned, i.e. in float summation order).
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launching import clean_env, free_port, run, torchrun
+
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 STAGES = (0, 1, 2, 3)
@@ -28,10 +27,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VAE_TRAIN_INJECT_NAN")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
-    return env
+    env = clean_env()
+    env.pop("VAE_TRAIN_INJECT_NAN", None)
+    return {**env, **extra}
 
 
 def _train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -40,9 +38,7 @@ def _train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
 
 
 def _torchrun(shards: Path, run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *_train_args(shards, run_dir, *overrides)]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=240)
+    return run(torchrun(*_train_args(shards, run_dir, *overrides)), env=_env(**env), timeout_s=240)
 
 
 def _rows(run_dir: Path, split: str = "train") -> list[dict]:
@@ -105,18 +101,12 @@ def test_tensorboard_has_scalars_images_and_histograms(zero_runs: dict[int, Path
         assert (run_dir / png).stat().st_size > 500
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(400)
 def test_bf16_run_under_the_deepspeed_launcher(fashion_shards: Path, tmp_path: Path) -> None:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            *_train_args(fashion_shards, tmp_path, "distributed.precision=bf16", "distributed.zero_stage=1",
                         "train.max_steps=4")]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    result = run(cmd, env=_env(), timeout_s=300)
     assert result.returncode == 0, result.stderr[-4000:]
     info = _info(tmp_path)
     assert (info["launcher"], info["precision"], info["zero_stage"], info["world_size"]) == ("deepspeed", "bf16", 1, 2)
@@ -130,8 +120,7 @@ def test_accelerate_launch_runs_two_deepspeed_ranks_and_skips_a_nan_step_togethe
     """`accelerate launch` with the CPU config; rank 1's loss is NaN in step 3 (0-based)."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu.yaml",
            *_train_args(fashion_shards, tmp_path, "train.max_steps=6")]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(VAE_TRAIN_INJECT_NAN="1:3"), capture_output=True,
-                            text=True, timeout=240)
+    result = run(cmd, env=_env(VAE_TRAIN_INJECT_NAN="1:3"), timeout_s=240)
     assert result.returncode == 0, result.stderr[-4000:]
     info = _info(tmp_path)
     assert (info["launcher"], info["world_size"], info["zero_stage"]) == ("accelerate", 2, 2)
@@ -163,7 +152,7 @@ def test_consecutive_skips_stop_every_rank_with_a_clear_error(fashion_shards: Pa
 
 def test_plain_python_runs_one_process(fashion_shards: Path, tmp_path: Path) -> None:
     cmd = [PYTHON, *_train_args(fashion_shards, tmp_path, "train.max_steps=3")]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    result = run(cmd, env=_env(), timeout_s=120)
     assert result.returncode == 0, result.stderr[-3000:]
     info = _info(tmp_path)
     assert (info["launcher"], info["world_size"], info["zero_stage"]) == ("python", 1, 0)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.launching import clean_env, run, torchrun
 from vae_train.config import Config, config_from_dict
 from vae_train.engine import (
     EngineError,
@@ -31,7 +32,7 @@ from vae_train.engine import (
     set_cpu_threads,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 pytestmark = pytest.mark.timeout(120)
@@ -283,9 +284,7 @@ def test_gated_optimizer_does_not_move_on_a_skip() -> None:
 
 
 def _run(cmd: list[str], env_extra: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_extra)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run(cmd, env=clean_env(**env_extra), timeout_s=timeout)
 
 
 def test_half_set_environment_fails_fast_in_a_real_process(tmp_path: Path) -> None:
@@ -303,8 +302,8 @@ def test_fp16_on_cpu_fails_fast_in_a_real_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_global_batch_not_dividing_stops_both_torchrun_ranks(tmp_path: Path) -> None:
-    result = _run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "train.py", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", "train.global_batch_size=15"], {})
+    result = _run(torchrun("train.py", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}",
+                           "train.global_batch_size=15"), {})
     assert result.returncode != 0
     assert result.stderr.count("global_batch_size=15 does not divide") == 2, result.stderr[-3000:]
     assert "vae_train/engine.py" not in result.stderr  # torchrun reports the failure; the ranks print no traceback
@@ -313,8 +312,7 @@ def test_global_batch_not_dividing_stops_both_torchrun_ranks(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_bigger_micro_batch() -> None:
     """2 ranks, ZeRO-2: 2 micro-batches of 2 per step give the gradients of 1 micro-batch of 4."""
-    result = _run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "tests/engine_accum_worker.py", "2"], {})
+    result = _run(torchrun("tests/unit/engine_accum_worker.py", "2"), {})
     assert result.returncode == 0, result.stderr[-3000:]
     norms = json.loads(result.stdout.strip().splitlines()[-1])
     assert norms["2"] == pytest.approx(norms["1"], rel=1e-5)

@@ -20,7 +20,7 @@ import pytest
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.slurm import SlurmCluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

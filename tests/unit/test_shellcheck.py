@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SKIP_DIRS = {".git", ".venv", "build", "runs", "data", "node_modules", ".local_s3"}
 SHEBANG_SHELLS = ("sh", "bash")
 

@@ -9,47 +9,34 @@ trainer together.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.launching import finish, free_port, kill_group, start, torchrun
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(300)
 def test_two_torchrun_nodes_train_zero2_steps(fashion_shards: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     nodes = []
     for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-               "--rdzv_id=vae-multinode-test", "train.py", "--config", "configs/tiny.yaml",
-               f"run_dir={run_dir}", f"data.train={fashion_shards}", f"data.val={fashion_shards}",
-               "distributed.zero_stage=2", "train.max_steps=4", "checkpoint.every_steps=4"]
+        cmd = torchrun("train.py", "--config", "configs/tiny.yaml",
+                       f"run_dir={run_dir}", f"data.train={fashion_shards}", f"data.val={fashion_shards}",
+                       "distributed.zero_stage=2", "train.max_steps=4", "checkpoint.every_steps=4",
+                       nproc=1, launcher_args=["--nnodes=2", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
+                                               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=vae-multinode-test"])
         log = open(tmp_path / f"node{node_rank}.log", "w")
-        nodes.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        nodes.append((start(cmd, stdout=log), log))
     try:
-        codes = [proc.wait(timeout=240) for proc, _ in nodes]
+        codes = [finish(proc, timeout_s=240).returncode for proc, _ in nodes]
     finally:
         for proc, log in nodes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            kill_group(proc)
+            proc.wait()
             log.close()
     logs = "\n".join((tmp_path / f"node{i}.log").read_text() for i in (0, 1))
     assert codes == [0, 0], logs

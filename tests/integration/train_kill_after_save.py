@@ -4,7 +4,7 @@ Test-only fault injection (the library has no such hook): it wraps
 ``CheckpointManager.save`` so that, once that step is committed locally and its
 upload to S3 has finished on every rank, each rank SIGKILLs its launcher
 (torchrun) and then itself -- a preemption with no chance to clean up.
-Run it like ``train.py``: ``torchrun ... tests/train_kill_after_save.py --config ...``.
+Run it like ``train.py``: ``torchrun ... tests/integration/train_kill_after_save.py --config ...``.
 """
 
 import os
@@ -29,5 +29,5 @@ def _save_then_die(self, step, trainer_state, *, final=False):
 
 
 checkpoint.CheckpointManager.save = _save_then_die
-os.chdir(Path(__file__).resolve().parents[1])
+os.chdir(Path(__file__).resolve().parents[2])
 runpy.run_path("train.py", run_name="__main__")

@@ -11,7 +11,7 @@ import yaml
 
 from vae_train.config import Config, ConfigError, describe_fields, load_config, parse_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_validate_and_every_field_is_documented() -> None:
