@@ -56,8 +56,8 @@ def _bernoulli(data: DataConfig) -> DataConfig:
 
 
 def _train(data: DataConfig, batch: int = 8, seed: int = 0):
-    return build_train_stream(_bernoulli(data), image_size=28, channels=1, value_range=(0.0, 1.0), micro_batch_size=batch,
-                              rank=0, world_size=1, seed=seed, s3_cfg=None)
+    return build_train_stream(_bernoulli(data), image_size=28, channels=1, value_range=(0.0, 1.0),
+                              micro_batch_size=batch, rank=0, world_size=1, seed=seed, s3_cfg=None)
 
 
 def _val(data: DataConfig, rank: int = 0, world_size: int = 1, batch: int = 16):

@@ -188,7 +188,8 @@ def test_shards_made_elsewhere_train_from_a_brace_pattern_without_an_index(tmp_p
             for i in range(shard * 60, (shard + 1) * 60):
                 png = io.BytesIO()
                 Image.fromarray(images[i]).save(png, format="PNG")
-                for name, payload in ((f"img{i:05d}.png", png.getvalue()), (f"img{i:05d}.cls", str(labels[i]).encode())):
+                members = {f"img{i:05d}.png": png.getvalue(), f"img{i:05d}.cls": str(labels[i]).encode()}
+                for name, payload in members.items():
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))

@@ -23,10 +23,11 @@ schedule, and a SLURM/preemption signal leads to a final save and a clean exit.
 The whole data path, shards to checkpoints, is drawn in ``docs/DESIGN.md``
 ("The data path").
 
-Host syncs: a step reads nothing back from the device per micro-batch. The loss
-terms and the finiteness verdict stay on the device; the verdict rides the step
-gate's one all-reduce (whose result the host must read to decide the step), and
-the logging window reads its sums once, at the logging boundary.
+Host syncs: the trainer reads nothing back from the device per micro-batch (after
+the first step, whose batches the model range-checks). The loss terms and the
+finiteness verdict stay on the device; the verdict rides the step gate's one
+all-reduce, whose result the host reads once per optimizer step because it decides
+whether the update runs; the logging window reads its sums at the logging boundary.
 
 Randomness, so an interrupted and resumed run matches an uninterrupted one bit for
 bit: initial weights from ``seed`` (same on every rank); the reparameterization
