@@ -1,6 +1,7 @@
 """Entry point for every launcher: ``accelerate launch train.py --config configs/X.yaml [key=value ...]``.
 
-Same as ``vae-train train``; also works under ``torchrun``, ``deepspeed`` and plain ``python``.
+Runs exactly ``vae-train train`` (:func:`vae_train.commands.train.run`: the final config,
+then the trainer); also works under ``torchrun``, ``deepspeed`` and plain ``python``.
 """
 
 import sys

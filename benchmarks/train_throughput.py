@@ -45,7 +45,7 @@ def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = ConvVAE(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg, plan),
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg.distributed, plan),
                                            dist_init_required=False)
     x = torch.bernoulli(torch.full((plan.micro_batch_size, 1, 28, 28), 0.3))
     for step in range(WARMUP_STEPS + steps):
@@ -68,11 +68,12 @@ def worker(data: str, steps: int, out: str) -> None:
     cfg = load_config(CONFIG, [f"data.train={data}", "data.val=", f"run_dir={run_dir}", "resume=none",
                                f"train.max_steps={WARMUP_STEPS + steps}", "checkpoint.every_steps=0",
                                "logging.progress_bar=false"])
-    cfg_resolved, env, device, backend, _, _ = resolve(cfg)
-    init_process_group(env, backend, device, cfg.distributed.timeout_s)
-    bare_before = bare_loop(cfg_resolved, steps)
+    job = resolve(cfg)
+    env = job.env
+    init_process_group(env, job.backend, job.device, cfg.distributed.timeout_s)
+    bare_before = bare_loop(cfg, steps)
     train(cfg)
-    bare_after = bare_loop(cfg_resolved, steps)
+    bare_after = bare_loop(cfg, steps)
     if env.rank != 0:
         return
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -82,7 +83,7 @@ def worker(data: str, steps: int, out: str) -> None:
     wait = sum(r["data_wait_fraction"] for r in steady) / len(steady)
     Path(out).write_text(json.dumps({"bare_before": bare_before, "bare_after": bare_after, "trainer": trainer_ips,
                                      "data_wait_fraction": wait, "world_size": env.world_size,
-                                     "zero_stage": cfg_resolved.distributed.zero_stage,
+                                     "zero_stage": cfg.distributed.zero_stage,
                                      "global_batch": cfg.train.global_batch_size}))
 
 

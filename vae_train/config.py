@@ -4,16 +4,26 @@ A run is described by one :class:`Config`. It is read from a YAML file
 (``configs/*.yaml``), then command-line overrides such as
 ``train.max_steps=500 distributed.zero_stage=2`` are applied, and the result is
 validated by pydantic. Every field has a default and a description (shown by
-``vae-train config show --help-keys``), and every rejection names the key, the
-bad value and what is allowed, with a suggestion for a misspelt key.
+``vae-train config keys``), and every rejection names the key, the bad value and
+what is allowed, with a suggestion for a misspelt key.
+
+The config is final before anything is built: ``data.binarize: auto`` is resolved
+here, from ``model.likelihood`` (:func:`resolve_binarize`, the one place that
+decides it), and the settings an ``accelerate launch`` config carries are folded in
+at the entry (:mod:`vae_train.commands.train`, which ``train.py`` runs too, calls
+:func:`vae_train.engine.apply_launcher_settings`). Nothing downstream rewrites it.
 
 Why pydantic: it gives typed, documented fields, range checks and readable errors
 for nested models for free; the alternatives (dataclasses + hand-written checks,
 OmegaConf) either duplicate that validation or validate only types.
 
 Sections are owned by the component that reads them (``model`` by
-:mod:`vae_train.model`, ``data`` by :mod:`vae_train.data`, ...); components take
-their own section, not the whole tree, so they stay testable alone.
+:mod:`vae_train.model`, ``data`` by :mod:`vae_train.data`, ``kl`` and
+``optimizer`` by :mod:`vae_train.schedules`, ``logging`` by
+:mod:`vae_train.logging`, ...); components take their own section plus the few
+values they need from elsewhere as plain arguments, not the whole tree, so they
+stay testable alone. Only the assemblers (the trainer, the engine set-up and the
+command-line entries) read the whole tree.
 """
 
 from __future__ import annotations
@@ -97,13 +107,11 @@ class DataConfig(Section):
     val: str = Field("", description="Validation source (same forms as train; a directory means its val split).")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes per rank.")
     shuffle_buffer: int = Field(1000, ge=0, description="Samples held for shuffling in each worker (0 = off).")
-    samples_per_epoch: int = Field(
-        0, ge=0, description="Samples per logical epoch over all ranks (0 = the train split's size from index.json)."
-    )
     binarize: Literal["auto", "none", "dynamic", "fixed"] = Field(
         "auto",
         description="Binarize pixels for a Bernoulli likelihood: a fresh draw per read (dynamic), a "
-        "fixed-seed draw (fixed), or keep intensities (none); auto = dynamic for bernoulli, else none.",
+        "fixed-seed draw (fixed), or keep intensities (none); auto = dynamic for bernoulli, else none "
+        "(resolved when the Config is built: the components see dynamic, fixed or none).",
     )
     random_flip: bool = Field(False, description="Random horizontal flips of training images.")
     random_crop: bool = Field(False, description="Random crops of training images to model.image_size (else centre).")
@@ -211,6 +219,24 @@ class EvalConfig(Section):
     iw_samples: int = Field(0, ge=0, description="Importance samples for IW-NLL during training validation (0 = off).")
 
 
+REMOVED_KEYS = {
+    "data.samples_per_epoch": "nothing read it (the training stream is infinite; train.max_steps ends a run)",
+}
+"""Keys older versions accepted, with why they went (a clearer error than 'unknown key')."""
+
+
+def resolve_binarize(setting: str, likelihood: str) -> str:
+    """``data.binarize`` as the data pipeline applies it: ``auto`` -> ``dynamic`` for the Bernoulli
+    likelihood (binary pixels, a fresh draw per read), else ``none``; other settings unchanged.
+
+    The one place ``auto`` is decided (the config and ``vae-train eval --binarize auto`` call it);
+    validation streams draw ``dynamic`` as ``fixed``.
+    """
+    if setting != "auto":
+        return setting
+    return "dynamic" if likelihood == "bernoulli" else "none"
+
+
 class Config(Section):
     """The whole run."""
 
@@ -232,11 +258,22 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_removed_keys(cls, raw: Any) -> Any:
+        """A key this version removed gets its own message (old saved ``config.yaml`` files carry them)."""
+        if isinstance(raw, dict):
+            for dotted, why in REMOVED_KEYS.items():
+                section, _, key = dotted.partition(".")
+                if isinstance(raw.get(section), dict) and key in raw[section]:
+                    raise ValueError(f"'{dotted}' was removed: {why}; delete it from the config")
+        return raw
+
     @model_validator(mode="after")
     def _resolve_binarize(self) -> "Config":
         """Binarization belongs to the Bernoulli likelihood: resolve ``auto``, refuse it elsewhere."""
         if self.data.binarize == "auto":
-            self.data.binarize = "dynamic" if self.model.likelihood == "bernoulli" else "none"
+            self.data.binarize = resolve_binarize("auto", self.model.likelihood)
         elif self.data.binarize != "none" and self.model.likelihood != "bernoulli":
             raise ValueError(
                 f"data.binarize={self.data.binarize} turns pixels into 0/1, which only the bernoulli likelihood "
@@ -319,10 +356,11 @@ def _format_validation_error(exc: ValidationError, raw: dict[str, Any], source: 
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"  - '{dotted}': unknown key{hint}")
             continue
-        value = _lookup(raw, loc) if loc else raw
         message = error["msg"].removeprefix("Value error, ")
-        where = f"'{dotted}'" if dotted else "config"
-        lines.append(f"  - {where} = {value!r}: {message}")
+        if not loc:  # a check across sections: its message names the keys
+            lines.append(f"  - {message}")
+            continue
+        lines.append(f"  - '{dotted}' = {_lookup(raw, loc)!r}: {message}")
     return "\n".join(lines)
 
 

@@ -9,19 +9,21 @@ the process group itself, generates the DeepSpeed JSON from the config and calls
 
 Why not Accelerate's ``Accelerator``/DeepSpeed plugin objects: on CPU they fail
 as shipped (accelerate 1.15 looks up the ``transformers`` version, and leaves the
-backend unset so each rank believes it is alone; DESIGN.md section 2). The
-settings an ``accelerate launch --config_file`` carries (ZeRO stage, mixed
-precision, a DeepSpeed JSON) arrive as ``ACCELERATE_*`` environment variables
-and are honoured here (:func:`apply_launcher_settings`), so users keep their
-accelerate configs and the gotchas never reach them.
+backend unset so each rank believes it is alone). The settings an ``accelerate
+launch --config_file`` carries (ZeRO stage, mixed precision, a DeepSpeed JSON)
+arrive as ``ACCELERATE_*`` environment variables; :func:`apply_launcher_settings`
+folds them into the config at the entry (``vae-train train`` / ``train.py``),
+before anything is built, so users keep their accelerate configs and the gotchas
+never reach them. The engine itself never changes the config.
 
 Usage::
 
-    engine = setup_engine(cfg, model)          # every rank
+    cfg, notes = apply_launcher_settings(load_config(...))   # at the entry
+    engine = setup_engine(cfg, model)                        # every rank
     for micro_batch in ...:
-        loss = ...engine.module(x)...
+        loss = ...engine.forward(x)...
         engine.backward(loss)
-    result = engine.step(global_step, loss_is_finite)   # all ranks skip together
+    decision = engine.step(global_step, loss_is_finite)   # all ranks apply or skip together
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import os
 import re
 import socket
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +44,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from vae_train.config import Config
+from vae_train.config import Config, DistributedConfig, OptimizerConfig
 from vae_train.errors import VaeTrainError
 from vae_train.schedules import build_lr_schedule
 
@@ -179,7 +181,9 @@ def apply_launcher_settings(cfg: Config, environ: dict[str, str] | None = None) 
     variables. They fill every ``distributed`` key the experiment config left at
     its default; a key the config sets explicitly wins (the experiment file and
     command-line overrides are the user's most specific statement), with a note
-    saying so. Returns the effective config and human-readable notes.
+    saying so. Returns the effective config and human-readable notes; the
+    training entry (:mod:`vae_train.commands.train`) calls it once, before
+    anything is built, and the trainer logs the notes as warnings.
     """
     environ = dict(os.environ if environ is None else environ)
     if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
@@ -314,20 +318,20 @@ _OWNED_HINTS = {
 }
 
 
-def build_deepspeed_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run, derived from the typed config alone.
+def build_deepspeed_config(dist_cfg: DistributedConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, from the ``distributed`` section and the batch plan.
 
     ``gradient_clipping`` is 0 because :class:`StepGate` clips after deciding
     whether to skip (it needs the unclipped norm); ``zero_allow_untested_optimizer``
     admits the gated ``torch.optim`` subclasses.
     """
-    precision = cfg.distributed.precision
+    precision = dist_cfg.precision
     return {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "zero_optimization": {"stage": dist_cfg.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {
             "enabled": precision == "fp16",
@@ -423,7 +427,7 @@ def set_cpu_threads(env: LaunchEnv, device: torch.device) -> int:
     """Give each CPU rank its share of the cores unless the user chose (OMP_NUM_THREADS).
 
     Several ranks each using every core thrash (ZeRO-3 step 232 ms -> 54 ms at
-    one thread per rank on 2 cores, DESIGN.md section 2).
+    one thread per rank on 2 cores, measured).
     """
     if device.type != "cpu":
         return torch.get_num_threads()
@@ -515,12 +519,17 @@ class StepGate:
         self.skip_above = skip_above
         self.device = device
         self.model_numel = model_numel
-        self._local_loss_bad = False
+        self._local_loss_bad = torch.zeros((), device=device)
         self.decision: StepDecision | None = None
 
-    def arm(self, loss_is_finite: bool) -> None:
-        """Before ``engine.step()``: this rank's loss verdict for the step about to be taken."""
-        self._local_loss_bad = not loss_is_finite
+    def arm(self, loss_is_finite: bool | torch.Tensor) -> None:
+        """Before ``engine.step()``: this rank's loss verdict for the step about to be taken.
+
+        A bool, or a 0-dim bool tensor left on the device: the trainer's verdict over
+        its micro-batches rides the gate's all-reduce without a host sync.
+        """
+        finite = torch.as_tensor(loss_is_finite, device=self.device)
+        self._local_loss_bad = torch.logical_not(finite).float()
         self.decision = None
 
     def __call__(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -538,9 +547,11 @@ class StepGate:
         # Replicated gradients (ZeRO-0 fp32) appear on every rank: count them once.
         world = dist.get_world_size() if dist.is_initialized() else 1
         replicated = local_numel == self.model_numel
-        stats = torch.stack([sq / (world if replicated else 1), torch.tensor(float(self._local_loss_bad), device=self.device)])
+        stats = torch.stack([sq / (world if replicated else 1), self._local_loss_bad])
         if dist.is_initialized():
             dist.all_reduce(stats)
+        # The one host sync of an optimizer step: whether to call the inner step is a
+        # host decision, and it needs the global norm and the non-finite count.
         norm = float(stats[0].sqrt())
         if stats[1] > 0:
             self.decision = StepDecision(False, norm, f"non-finite loss on {int(stats[1])} rank(s)")
@@ -574,9 +585,8 @@ class GatedAdam(_GatedStep, torch.optim.Adam):
     """Adam whose step the :class:`StepGate` can veto."""
 
 
-def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(params: Any, opt: OptimizerConfig) -> torch.optim.Optimizer:
     """A gated ``torch.optim`` optimizer (no JIT build), or DeepSpeed's FusedAdam on GPU when asked."""
-    opt = cfg.optimizer
     kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.deepspeed_fused:
         from deepspeed.ops.adam import FusedAdam
@@ -592,7 +602,7 @@ def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
 
 @dataclass
 class Engine:
-    """DeepSpeed engine plus what the trainer needs around it."""
+    """DeepSpeed engine plus what the trainer needs around it (it holds no config: the caller's is final)."""
 
     ds: Any  # deepspeed.DeepSpeedEngine
     optimizer: torch.optim.Optimizer  # the inner, gated torch optimizer
@@ -601,10 +611,8 @@ class Engine:
     device: torch.device
     backend: str
     plan: BatchPlan
-    ds_config: dict[str, Any]
-    cfg: Config
+    precision: str  # distributed.precision: fp32 | bf16 | fp16
     lr_at: Callable[[int], float]
-    notes: list[str] = field(default_factory=list)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -613,7 +621,7 @@ class Engine:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.distributed.precision, torch.float32)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.ds(*args, **kwargs)
@@ -630,10 +638,11 @@ class Engine:
         if not boundary:
             self.ds.step()
 
-    def step(self, global_step: int, loss_is_finite: bool) -> StepDecision:
+    def step(self, global_step: int, loss_is_finite: bool | torch.Tensor) -> StepDecision:
         """Finish the optimizer step ``global_step`` (0-based) on every rank; returns the shared decision.
 
-        Call it after the backward of the last micro-batch of the step.
+        Call it after the backward of the last micro-batch of the step. ``loss_is_finite``
+        may stay on the device (a 0-dim bool tensor): the gate's all-reduce carries it.
         """
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("Engine.step() called before the last micro-batch's backward of the step")
@@ -648,7 +657,7 @@ class Engine:
             # before the gate ran.
             norm = self.ds.get_global_grad_norm()
             reason = "non-finite gradients (DeepSpeed's overflow check" + (
-                "; fp16 loss scale lowered)" if self.cfg.distributed.precision == "fp16" else ")")
+                "; fp16 loss scale lowered)" if self.precision == "fp16" else ")")
             return StepDecision(False, float(norm) if norm is not None else float("nan"), reason)
         return self.gate.decision
 
@@ -671,7 +680,7 @@ class Engine:
             "backend": self.backend,
             "device": str(self.device),
             "zero_stage": int(self.ds.zero_optimization_stage()),
-            "precision": self.cfg.distributed.precision,
+            "precision": self.precision,
             "global_batch_size": self.plan.global_batch_size,
             "micro_batch_size": self.plan.micro_batch_size,
             "grad_accum_steps": self.plan.grad_accum_steps,
@@ -682,19 +691,29 @@ class Engine:
         }
 
 
-def resolve(cfg: Config, environ: dict[str, str] | None = None) -> tuple[Config, LaunchEnv, torch.device, str, BatchPlan, list[str]]:
+@dataclass(frozen=True)
+class Resolved:
+    """What :func:`resolve` decided for this process, before any collective."""
+
+    env: LaunchEnv
+    device: torch.device
+    backend: str
+    plan: BatchPlan
+
+
+def resolve(cfg: Config, environ: dict[str, str] | None = None) -> Resolved:
     """Everything that can be checked without talking to a peer: launcher, device, batch, options.
 
     Every rank computes the same answer from the same config and environment,
     so a bad setting stops all ranks here, before any of them blocks in a
-    collective waiting for the others.
+    collective waiting for the others. ``cfg`` is final (launcher settings
+    already folded in by :func:`apply_launcher_settings` at the entry).
     """
     env = detect_launch_env(environ)
-    cfg, notes = apply_launcher_settings(cfg, environ)
     device, backend = choose_device(env, cfg.distributed.backend)
     check_compatibility(cfg, device)
     plan = plan_batch(cfg.train.global_batch_size, cfg.train.grad_accum_steps, env.world_size)
-    return cfg, env, device, backend, plan, notes
+    return Resolved(env, device, backend, plan)
 
 
 def setup_engine(cfg: Config, model: torch.nn.Module, environ: dict[str, str] | None = None) -> Engine:
@@ -703,24 +722,24 @@ def setup_engine(cfg: Config, model: torch.nn.Module, environ: dict[str, str] | 
     The learning rate of step ``s`` is ``optimizer.lr * lr_multiplier(s)`` from
     :mod:`vae_train.schedules`, set on the optimizer before every step: a pure
     function of the step, so resuming needs no scheduler state and a skipped
-    step cannot shift the schedule. Note the returned ``engine.cfg``: it
-    includes the settings an ``accelerate launch`` config added.
+    step cannot shift the schedule.
     """
-    cfg, env, device, backend, plan, notes = resolve(cfg, environ)
-    multiplier = build_lr_schedule(cfg)
+    job = resolve(cfg, environ)
+    env, device = job.env, job.device
+    multiplier = build_lr_schedule(cfg.optimizer, cfg.train.max_steps)
     base_lr = cfg.optimizer.lr
-    ds_config = build_deepspeed_config(cfg, plan)
+    ds_config = build_deepspeed_config(cfg.distributed, job.plan)
     if cfg.distributed.deepspeed_config:
         user = load_user_deepspeed_config(cfg.distributed.deepspeed_config)
         ds_config = merge_deepspeed_config(ds_config, user, f"distributed.deepspeed_config={cfg.distributed.deepspeed_config!r}")
     set_cpu_threads(env, device)
-    init_process_group(env, backend, device, cfg.distributed.timeout_s)
+    init_process_group(env, job.backend, device, cfg.distributed.timeout_s)
     deepspeed = _import_deepspeed(device)
     model = model.to(device)
     model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer)
     gate = StepGate(cfg.train.grad_clip, cfg.train.skip_grad_norm, device, model_numel)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     optimizer.step_gate = gate  # type: ignore[attr-defined]
-    return Engine(ds_engine, optimizer, gate, env, device, backend, plan, ds_config, cfg,
-                  lambda step: base_lr * multiplier(step), notes)
+    return Engine(ds_engine, optimizer, gate, env, device, job.backend, job.plan, cfg.distributed.precision,
+                  lambda step: base_lr * multiplier(step))

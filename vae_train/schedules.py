@@ -1,7 +1,7 @@
 """KL-weight (beta) and learning-rate schedules as pure functions of the global step.
 
 Nothing here keeps state: ``beta_at(step, ...)`` and ``lr_multiplier_at(step, ...)``
-depend only on the step and the config, so a resumed run needs nothing but the
+depend only on the step and their config section, so a resumed run needs nothing but the
 step it stopped at (the open_clip approach; a ``LambdaLR`` built from
 :func:`build_lr_schedule` with ``last_epoch`` set from the step gives the same values).
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from vae_train.config import Config, KLConfig, OptimizerConfig
+from vae_train.config import KLConfig, OptimizerConfig
 
 
 def _ramp(progress: float, start: float, end: float) -> float:
@@ -77,13 +77,11 @@ def lr_multiplier_at(step: int, opt: OptimizerConfig, max_steps: int) -> float:
     raise ValueError(f"unknown LR schedule {opt.schedule!r}")
 
 
-def build_beta_schedule(cfg: Config) -> Callable[[int], float]:
-    """``step -> beta`` for a run config (``cfg.kl`` and ``cfg.train.max_steps``)."""
-    kl, max_steps = cfg.kl, cfg.train.max_steps
+def build_beta_schedule(kl: KLConfig, max_steps: int) -> Callable[[int], float]:
+    """``step -> beta`` for the ``kl`` section and a run of ``max_steps`` (``train.max_steps``)."""
     return lambda step: beta_at(step, kl, max_steps)
 
 
-def build_lr_schedule(cfg: Config) -> Callable[[int], float]:
-    """``step -> LR multiplier`` for a run config (``cfg.optimizer`` and ``cfg.train.max_steps``)."""
-    opt, max_steps = cfg.optimizer, cfg.train.max_steps
+def build_lr_schedule(opt: OptimizerConfig, max_steps: int) -> Callable[[int], float]:
+    """``step -> LR multiplier`` for the ``optimizer`` section and a run of ``max_steps``."""
     return lambda step: lr_multiplier_at(step, opt, max_steps)

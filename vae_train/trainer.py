@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: batch -> forward -> ELBO loss -> backward -> step -> log.
+"""The training loop, top to bottom, around a named :func:`train_step`.
 
 Every launcher runs this same function (``train.py`` and ``vae-train train`` call it)::
 
@@ -11,18 +11,23 @@ Every launcher runs this same function (``train.py`` and ``vae-train train`` cal
     # two nodes
     torchrun --nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --nproc_per_node 8 train.py ...
 
-One optimizer step: ``train.grad_accum_steps`` micro-batches each go through the
-model (encoder -> fused reparameterization/KL op -> decoder -> likelihood), the
-loss ``recon + beta(step) * KL`` (free bits per latent channel) is backpropagated,
-then every rank takes -- or skips -- the update together (see
+One optimizer step (:func:`train_step`): ``train.grad_accum_steps`` micro-batches
+each go through the model (encoder -> fused reparameterization/KL op -> decoder ->
+likelihood), the loss ``recon + beta(step) * KL`` (free bits per latent channel)
+is backpropagated, then every rank takes -- or skips -- the update together (see
 :class:`vae_train.engine.StepGate`: a non-finite loss or gradient norm on any
 rank, or a norm above ``train.skip_grad_norm``, skips it everywhere; after
 ``train.max_consecutive_skips`` skips in a row the run stops with an error rather
 than train on garbage). Then rank 0 logs, the loop validates and checkpoints on
 schedule, and a SLURM/preemption signal leads to a final save and a clean exit.
+The whole data path, shards to checkpoints, is drawn in ``docs/DESIGN.md``
+("The data path").
 
-Test hook: ``VAE_TRAIN_INJECT_NAN=RANK:STEP`` multiplies rank RANK's loss by NaN
-in optimizer step STEP (0-based), to check that all ranks skip that step together.
+Host syncs: the trainer reads nothing back from the device per micro-batch (after
+the first step, whose batches the model range-checks). The loss terms and the
+finiteness verdict stay on the device; the verdict rides the step gate's one
+all-reduce, whose result the host reads once per optimizer step because it decides
+whether the update runs; the logging window reads its sums at the logging boundary.
 
 Randomness, so an interrupted and resumed run matches an uninterrupted one bit for
 bit: initial weights from ``seed`` (same on every rank); the reparameterization
@@ -34,31 +39,31 @@ image grids from a private generator that never touches the training streams.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from vae_train.checkpoint import CheckpointManager
 from vae_train.config import Config
-from vae_train.engine import Engine, setup_engine
+from vae_train.engine import Engine, StepDecision, setup_engine
 from vae_train.errors import VaeTrainError
 from vae_train.logging import RunLogger, log, pairs_grid, image_grid, save_png, setup_console
-from vae_train.model import ConvVAE, bits_per_dim, likelihood_value_range, vae_loss
+from vae_train.model import ConvVAE, LossTerms, VAEOutput, bits_per_dim, likelihood_value_range, vae_loss
 from vae_train.preemption import PreemptionHandler, requeue_if_slurm
 from vae_train.schedules import build_beta_schedule
 
-INJECT_NAN_ENV = "VAE_TRAIN_INJECT_NAN"
 GRID_IMAGES = 16
 
 
 class TrainingError(VaeTrainError):
-    """Training cannot continue (diverged, or a test hook was misused)."""
+    """Training cannot continue (it diverged)."""
 
 
 @dataclass
@@ -71,17 +76,69 @@ class TrainResult:
     preempted: bool
 
 
-def train(cfg: Config) -> TrainResult:
-    """Train ``cfg`` to ``train.max_steps`` (resuming per ``cfg.resume``); every rank calls this."""
+@dataclass
+class StepResult:
+    """One optimizer step as this rank saw it; ``decision`` is the same on every rank.
+
+    The sums stay on the device (no host sync to take a step); the logging window
+    adds them up and reads them at its boundary.
+    """
+
+    decision: StepDecision  # applied or skipped (and why), with the global gradient norm
+    micro_batches: int
+    sums: torch.Tensor  # float64 [3] on the device: loss, recon, kl summed over the micro-batches
+    kl_per_channel: torch.Tensor  # float32 [latent_channels] on the device: micro-batch means, summed
+    first_input: torch.Tensor  # the step's first micro-batch as the model got it (for image grids)
+
+
+def train_step(engine: Engine, batches: Iterator[dict[str, Any]], step: int,
+               loss_fn: Callable[[VAEOutput], LossTerms], *, check_range: bool = False) -> StepResult:
+    """Optimizer step ``step`` (0-based): the micro-batches' forward, loss and backward, then the gated update.
+
+    ``loss_fn`` turns the model's output into the loss terms (the trainer binds
+    beta(step) and the free bits; tests wrap it to inject a fault). ``check_range``
+    has the model check the batches' pixel range, a host sync per micro-batch: the
+    trainer asks for it on its first step only, because the stream decodes every
+    image into the likelihood's range by construction.
+    """
+    finite = torch.ones((), dtype=torch.bool, device=engine.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    kl_channels: torch.Tensor | None = None
+    first_input: torch.Tensor | None = None
+    for _ in range(engine.plan.grad_accum_steps):
+        batch = next(batches)
+        x = batch["image"].to(engine.device, engine.compute_dtype, non_blocking=True)
+        first_input = x if first_input is None else first_input
+        # forward: encoder -> fused reparameterization + KL -> decoder -> likelihood
+        out = engine.forward(x, check_range=check_range)
+        terms = loss_fn(out)
+        finite &= torch.isfinite(terms.loss)  # stays on the device: the step gate's all-reduce carries it
+        # backward (DeepSpeed scales by the accumulation steps and reduces gradients)
+        engine.backward(terms.loss)
+        sums += torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]).double()
+        means = out.kl_per_channel.detach().float().mean(0)
+        kl_channels = means if kl_channels is None else kl_channels + means
+    # step: every rank applies it, or every rank skips it
+    decision = engine.step(step, finite)
+    assert kl_channels is not None and first_input is not None  # grad_accum_steps >= 1
+    return StepResult(decision, engine.plan.grad_accum_steps, sums, kl_channels, first_input)
+
+
+def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
+    """Train ``cfg`` to ``train.max_steps`` (resuming per ``cfg.resume``); every rank calls this.
+
+    ``cfg`` is final (the entry folded the launcher's settings in, see
+    :mod:`vae_train.commands.train`); ``notes`` are the entry's warnings about it,
+    logged once the console knows this rank.
+    """
     # -- the model and the engine: bad settings stop here, before any rank waits ----
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = ConvVAE(cfg.model)
     num_parameters = model.num_parameters()  # before ZeRO-3 partitions them
     engine = setup_engine(cfg, model)
-    cfg = engine.cfg  # includes what an `accelerate launch` config added
     rank, world = engine.env.rank, engine.env.world_size
     setup_console(rank)
-    for note in engine.notes:
+    for note in notes:
         log.warning(note)
     torch.manual_seed(_derive_seed(cfg.seed, "noise", rank))  # this rank's reparameterization noise
 
@@ -102,8 +159,7 @@ def train(cfg: Config) -> TrainResult:
 
     logger = RunLogger(cfg.run_dir, cfg.logging, max_steps=cfg.train.max_steps, start_step=step, is_main=rank == 0)
     logger.info(f"TensorBoard logs: {Path(cfg.run_dir, 'tb').resolve()}  (tensorboard --logdir {cfg.run_dir}/tb)")
-    beta_at = build_beta_schedule(cfg)
-    inject_nan = _parse_inject_nan(os.environ.get(INJECT_NAN_ENV, ""))
+    beta_at = build_beta_schedule(cfg.kl, cfg.train.max_steps)
     value_range = likelihood_value_range(cfg.model.likelihood)
     num_dims = model.num_dims  # pixels x channels the likelihood scores
     window = _Window()
@@ -118,25 +174,11 @@ def train(cfg: Config) -> TrainResult:
         with PreemptionHandler() as preempt:
             while step < cfg.train.max_steps:
                 beta = beta_at(step)
-                loss_is_finite = True
-                for _ in range(engine.plan.grad_accum_steps):
-                    # batch
-                    batch = next(batches)
-                    x = batch["image"].to(engine.device, engine.compute_dtype, non_blocking=True)
-                    if probe is None:
-                        probe = x[:GRID_IMAGES].clone()
-                    # forward: encoder -> fused reparameterization + KL -> decoder -> likelihood
-                    out = engine.forward(x)
-                    terms = vae_loss(out, beta=beta, free_bits=cfg.kl.free_bits)
-                    loss = terms.loss
-                    if inject_nan == (rank, step):
-                        loss = loss * float("nan")
-                    loss_is_finite = loss_is_finite and bool(torch.isfinite(loss))
-                    # backward (DeepSpeed scales by the accumulation steps and reduces gradients)
-                    engine.backward(loss)
-                    window.add(terms, out.kl_per_channel)
-                # step: every rank applies it, or every rank skips it
-                decision = engine.step(step, loss_is_finite)
+                loss_fn = functools.partial(vae_loss, beta=beta, free_bits=cfg.kl.free_bits)
+                result = train_step(engine, batches, step, loss_fn, check_range=probe is None)
+                if probe is None:
+                    probe = result.first_input[:GRID_IMAGES].clone()
+                decision = result.decision
                 if decision.applied:
                     skipped_in_a_row = 0
                 else:
@@ -153,7 +195,7 @@ def train(cfg: Config) -> TrainResult:
                             "optimizer.warmup_steps, use distributed.precision=fp32, or check the data; "
                             "resume from the last checkpoint"
                         )
-                window.end_step(decision.grad_norm)
+                window.add(result)
                 step += 1
 
                 # log (scalars are averaged over the logging window and over ranks)
@@ -225,16 +267,6 @@ def _checkpointing_enabled(cfg: Config) -> bool:
     return bool(ck.every_steps or ck.every_minutes or ck.remote)
 
 
-def _parse_inject_nan(spec: str) -> tuple[int, int] | None:
-    """``"RANK:STEP"`` -> (rank, step); empty -> None."""
-    if not spec:
-        return None
-    rank, sep, step = spec.partition(":")
-    if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
-        raise TrainingError(f"{INJECT_NAN_ENV}={spec!r} must look like RANK:STEP, e.g. 1:5")
-    return int(rank), int(step)
-
-
 def _build_streams(cfg: Config, engine: Engine) -> tuple[Any, Any]:
     """This rank's training stream and (when ``data.val`` is set) validation stream."""
     from vae_train.data import build_train_stream, build_val_stream
@@ -253,30 +285,29 @@ def _build_streams(cfg: Config, engine: Engine) -> tuple[Any, Any]:
 
 
 class _Window:
-    """Running sums between two log lines (kept as tensors: no sync per step)."""
+    """Sums between two log lines, kept on the device: read once, at the logging boundary."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.micro = 0
         self.steps = 0
-        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.sums: torch.Tensor | None = None
         self.kl_channels: torch.Tensor | None = None
         self.grad_norm = 0.0
 
-    def add(self, terms: Any, kl_per_channel: torch.Tensor) -> None:
-        self.micro += 1
-        self.sums += torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]).double().cpu()
-        means = kl_per_channel.detach().float().mean(0).cpu()
-        self.kl_channels = means if self.kl_channels is None else self.kl_channels + means
-
-    def end_step(self, grad_norm: float) -> None:
+    def add(self, result: StepResult) -> None:
+        self.micro += result.micro_batches
         self.steps += 1
-        self.grad_norm = grad_norm
+        self.sums = result.sums if self.sums is None else self.sums + result.sums
+        channels = result.kl_per_channel
+        self.kl_channels = channels if self.kl_channels is None else self.kl_channels + channels
+        self.grad_norm = result.decision.grad_norm
 
     def reduce(self, engine: Engine) -> dict[str, Any]:
         """Window means over ranks (one all-reduce); timing is rank 0's own."""
-        channels = self.kl_channels if self.kl_channels is not None else torch.zeros(1)
-        totals = engine.all_reduce_sum([*self.sums.tolist(), float(self.micro), *channels.tolist()])
+        sums = self.sums.tolist() if self.sums is not None else [0.0, 0.0, 0.0]  # the window's host sync
+        channels = self.kl_channels.tolist() if self.kl_channels is not None else [0.0]
+        totals = engine.all_reduce_sum([*sums, float(self.micro), *channels])
         count = max(totals[3], 1.0)
         seconds = time.perf_counter() - self.start
         return {

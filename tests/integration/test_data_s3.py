@@ -21,7 +21,7 @@ PREPARE = ["prepare", "fashion-mnist", "--limit", "600", "--samples-per-shard", 
 
 
 def _train(spec: str, s3_cfg: S3Config, workers: int = 2):
-    data = DataConfig(train=spec, num_workers=workers, shuffle_buffer=50, timeout_s=60, samples_per_epoch=540)
+    data = DataConfig(train=spec, num_workers=workers, shuffle_buffer=50, timeout_s=60, binarize="dynamic")
     return build_train_stream(data, image_size=28, channels=1, value_range=(0.0, 1.0), micro_batch_size=16,
                               rank=0, world_size=1, seed=3, s3_cfg=s3_cfg)
 
@@ -69,7 +69,7 @@ def test_validation_from_s3_exactly_once(s3_env, s3_shards) -> None:
     uri, _ = s3_shards
     seen: Counter[str] = Counter()
     for rank in (0, 1):
-        data = DataConfig(val=f"{uri}#test", num_workers=2)
+        data = DataConfig(val=f"{uri}#test", num_workers=2, binarize="fixed")
         for batch in build_val_stream(data, image_size=28, channels=1, value_range=(0.0, 1.0), batch_size=64,
                                       rank=rank, world_size=2, s3_cfg=S3Config()):
             seen.update(k for k, m in zip(batch["key"], batch["mask"]) if m)

@@ -27,18 +27,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = clean_env()
-    env.pop("VAE_TRAIN_INJECT_NAN", None)
-    return {**env, **extra}
+    return {**clean_env(), **extra}
 
 
-def _train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return ["train.py", "--config", "configs/tiny.yaml", f"run_dir={run_dir}", f"data.train={shards}",
+def _train_args(shards: Path, run_dir: Path, *overrides: str, nan_at: str = "") -> list[str]:
+    """``train.py`` and its arguments; ``nan_at="RANK:STEP"`` runs the test launcher that injects a NaN loss."""
+    script = ["tests/integration/nan_train.py", nan_at] if nan_at else ["train.py"]
+    return [*script, "--config", "configs/tiny.yaml", f"run_dir={run_dir}", f"data.train={shards}",
             f"data.val={shards}", *overrides]
 
 
-def _torchrun(shards: Path, run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
-    return run(torchrun(*_train_args(shards, run_dir, *overrides)), env=_env(**env), timeout_s=240)
+def _torchrun(shards: Path, run_dir: Path, *overrides: str, nan_at: str = "") -> subprocess.CompletedProcess:
+    return run(torchrun(*_train_args(shards, run_dir, *overrides, nan_at=nan_at)), env=_env(), timeout_s=240)
 
 
 def _rows(run_dir: Path, split: str = "train") -> list[dict]:
@@ -119,8 +119,8 @@ def test_accelerate_launch_runs_two_deepspeed_ranks_and_skips_a_nan_step_togethe
 ) -> None:
     """`accelerate launch` with the CPU config; rank 1's loss is NaN in step 3 (0-based)."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu.yaml",
-           *_train_args(fashion_shards, tmp_path, "train.max_steps=6")]
-    result = run(cmd, env=_env(VAE_TRAIN_INJECT_NAN="1:3"), timeout_s=240)
+           *_train_args(fashion_shards, tmp_path, "train.max_steps=6", nan_at="1:3")]
+    result = run(cmd, env=_env(), timeout_s=240)
     assert result.returncode == 0, result.stderr[-4000:]
     info = _info(tmp_path)
     assert (info["launcher"], info["world_size"], info["zero_stage"]) == ("accelerate", 2, 2)
@@ -139,7 +139,7 @@ def test_consecutive_skips_stop_every_rank_with_a_clear_error(fashion_shards: Pa
     steps 1-2: every gradient norm is above the threshold. Both ranks stop at step 2.
     """
     result = _torchrun(fashion_shards, tmp_path, "distributed.zero_stage=0", "train.skip_grad_norm=1e-6",
-                       "train.max_consecutive_skips=3", VAE_TRAIN_INJECT_NAN="1:0")
+                       "train.max_consecutive_skips=3", nan_at="1:0")
     assert result.returncode != 0
     for rank in (0, 1):
         lines = [line for line in result.stderr.splitlines() if line.startswith(f"[rank {rank}] WARNING step")]
@@ -157,3 +157,35 @@ def test_plain_python_runs_one_process(fashion_shards: Path, tmp_path: Path) -> 
     info = _info(tmp_path)
     assert (info["launcher"], info["world_size"], info["zero_stage"]) == ("python", 1, 0)
     assert [row["step"] for row in _rows(tmp_path)] == [1, 2, 3]
+
+
+def test_shards_made_elsewhere_train_from_a_brace_pattern_without_an_index(tmp_path: Path) -> None:
+    """Two shards written with plain tarfile (real Fashion-MNIST images), no index.json, no extra key."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from tests.fixtures.trained_vae import read_fashion_mnist
+
+    images, labels = read_fashion_mnist("train", 120)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard in range(2):
+        with tarfile.open(shards / f"part-{shard:06d}.tar", "w") as tar:
+            for i in range(shard * 60, (shard + 1) * 60):
+                png = io.BytesIO()
+                Image.fromarray(images[i]).save(png, format="PNG")
+                members = {f"img{i:05d}.png": png.getvalue(), f"img{i:05d}.cls": str(labels[i]).encode()}
+                for name, payload in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    assert not (shards / "index.json").exists()
+    run_dir = tmp_path / "run"
+    cmd = [PYTHON, "train.py", "--config", "configs/tiny.yaml", f"run_dir={run_dir}",
+           f"data.train={shards}/part-{{000000..000001}}.tar", "data.val=", "train.max_steps=3"]
+    result = run(cmd, env=_env(), timeout_s=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in _rows(run_dir)] == [1, 2, 3]
+    assert all(row["data_skipped_samples"] == 0 for row in _rows(run_dir))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vae_train.config import Config, ConfigError, describe_fields, load_config, parse_overrides
+from vae_train.config import Config, ConfigError, describe_fields, load_config, parse_overrides, resolve_binarize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,3 +106,13 @@ def test_binarize_auto_follows_the_likelihood_and_refuses_binary_pixels_elsewher
     assert load_config(None, ["data.binarize=fixed"]).data.binarize == "fixed"
     with pytest.raises(ConfigError, match="only the bernoulli likelihood"):
         load_config(None, ["model.likelihood=gaussian_fixed", "data.binarize=dynamic"])
+
+
+def test_binarize_is_resolved_by_one_function() -> None:
+    assert [resolve_binarize("auto", lik) for lik in ("bernoulli", "logistic")] == ["dynamic", "none"]
+    assert resolve_binarize("fixed", "bernoulli") == "fixed"
+
+
+def test_a_removed_key_is_named_as_removed() -> None:
+    with pytest.raises(ConfigError, match="'data.samples_per_epoch' was removed: nothing read it"):
+        load_config(None, ["data.samples_per_epoch=100"])

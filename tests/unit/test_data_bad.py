@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_train.config import DataConfig
+from vae_train.config import DataConfig, resolve_binarize
 from vae_train.data import DataError, build_train_stream, build_val_stream
 from vae_train.data.prepare import write_index
 from vae_train.data.tario import ShardWriter
@@ -50,13 +50,18 @@ def damaged(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _bernoulli(data: DataConfig) -> DataConfig:
+    """These DataConfigs stand alone: resolve binarize=auto as a Config with the Bernoulli likelihood does."""
+    return data.model_copy(update={"binarize": resolve_binarize(data.binarize, "bernoulli")})
+
+
 def _train(data: DataConfig, batch: int = 8, seed: int = 0):
-    return build_train_stream(data, image_size=28, channels=1, value_range=(0.0, 1.0), micro_batch_size=batch,
-                              rank=0, world_size=1, seed=seed, s3_cfg=None)
+    return build_train_stream(_bernoulli(data), image_size=28, channels=1, value_range=(0.0, 1.0),
+                              micro_batch_size=batch, rank=0, world_size=1, seed=seed, s3_cfg=None)
 
 
 def _val(data: DataConfig, rank: int = 0, world_size: int = 1, batch: int = 16):
-    return build_val_stream(data, image_size=28, channels=1, value_range=(0.0, 1.0), batch_size=batch,
+    return build_val_stream(_bernoulli(data), image_size=28, channels=1, value_range=(0.0, 1.0), batch_size=batch,
                             rank=rank, world_size=world_size, s3_cfg=None)
 
 
@@ -72,6 +77,22 @@ def test_damaged_training_data_is_skipped_counted_and_named(damaged: Path, data_
     assert "train-000002.tar" in text
 
 
+def test_a_damaged_shard_is_warned_once_per_reason_then_only_counted(damaged: Path, data_log) -> None:
+    """One shard, drawn again and again: each (shard, reason) is one warning, every skip is counted."""
+    stream = _train(DataConfig(train=f"{damaged}/train-000001.tar", num_workers=0, shuffle_buffer=10))
+    for _ in range(40):  # 320 samples: the 37-good-sample shard is read about 9 times
+        next(stream)
+    skipped = stream.stats()["skipped"]
+    assert skipped["undecodable"] >= 5 and skipped["size"] >= 5 and skipped["mode"] >= 5
+    # data_log may see a record twice (its handler and caplog's root handler): count distinct records
+    records = {id(r): r for r in data_log.records}.values()
+    warnings = [r.getMessage() for r in records if r.levelname == "WARNING"]
+    for key, reason in (("b_0003", "undecodable"), ("b_0005", "size"), ("b_0007", "mode")):
+        about = [w for w in warnings if f"'{reason}' problems" in w]
+        assert len(about) == 1 and key in about[0] and "train-000001.tar" in about[0], warnings
+    assert len(warnings) == 3, warnings
+
+
 def test_damaged_data_with_workers_still_counts(damaged: Path) -> None:
     stream = _train(DataConfig(train=str(damaged), num_workers=2, shuffle_buffer=10))
     for _ in range(60):
@@ -81,8 +102,7 @@ def test_damaged_data_with_workers_still_counts(damaged: Path) -> None:
 
 
 def test_strict_turns_damage_into_an_error(damaged: Path) -> None:
-    stream = _train(DataConfig(train=f"{damaged}/train-000001.tar", num_workers=1, strict=True,
-                               samples_per_epoch=40))
+    stream = _train(DataConfig(train=f"{damaged}/train-000001.tar", num_workers=1, strict=True))
     with pytest.raises(DataError, match=r"b_0003.*data.strict"):
         for _ in range(20):
             next(stream)
@@ -111,8 +131,7 @@ def test_all_shards_unreadable_is_an_error_not_a_hang(tmp_path: Path) -> None:
     for k in range(3):
         (tmp_path / f"train-{k:06d}.tar").write_bytes(b"this is not a tar file" * 100)
     start = time.monotonic()
-    stream = _train(DataConfig(train=f"{tmp_path}/train-{{000000..000002}}.tar", num_workers=1,
-                               samples_per_epoch=100))
+    stream = _train(DataConfig(train=f"{tmp_path}/train-{{000000..000002}}.tar", num_workers=1))
     with pytest.raises(DataError, match="shards in a row gave no samples"):
         next(stream)
     assert time.monotonic() - start < 30
@@ -120,7 +139,7 @@ def test_all_shards_unreadable_is_an_error_not_a_hang(tmp_path: Path) -> None:
 
 def test_every_sample_rejected_is_an_error(tmp_path: Path) -> None:
     _shard(tmp_path / "train-000000.tar", "s", 300, {i: {"png": _png(1, 16)} for i in range(300)})
-    stream = _train(DataConfig(train=f"{tmp_path}/train-000000.tar", num_workers=0, samples_per_epoch=300))
+    stream = _train(DataConfig(train=f"{tmp_path}/train-000000.tar", num_workers=0))
     with pytest.raises(DataError, match="rejected.*model.image_size"):
         next(stream)
 
@@ -128,8 +147,7 @@ def test_every_sample_rejected_is_an_error(tmp_path: Path) -> None:
 def test_shard_deleted_after_start_is_skipped(tmp_path: Path) -> None:
     _shard(tmp_path / "train-000000.tar", "a", 20)
     _shard(tmp_path / "train-000001.tar", "b", 20)
-    stream = _train(DataConfig(train=f"{tmp_path}/train-{{000000..000001}}.tar", num_workers=0,
-                               samples_per_epoch=40))
+    stream = _train(DataConfig(train=f"{tmp_path}/train-{{000000..000001}}.tar", num_workers=0))
     (tmp_path / "train-000001.tar").unlink()
     keys = [k for _ in range(20) for k in next(stream)["key"]]
     assert all(k.startswith("a_") for k in keys)
@@ -137,7 +155,7 @@ def test_shard_deleted_after_start_is_skipped(tmp_path: Path) -> None:
 
 
 def test_stuck_source_times_out(tmp_path: Path) -> None:
-    stream = _train(DataConfig(train="pipe:sleep 60", num_workers=1, timeout_s=2, samples_per_epoch=10))
+    stream = _train(DataConfig(train="pipe:sleep 60", num_workers=1, timeout_s=2))
     start = time.monotonic()
     with pytest.raises(DataError, match="data.timeout_s"):
         next(stream)
@@ -160,7 +178,7 @@ def test_missing_or_wrong_sources_fail_at_start_up(tmp_path: Path, spec: str, me
     (tmp_path / "badindex").mkdir()
     (tmp_path / "badindex" / "index.json").write_text("{not json")
     with pytest.raises(DataError, match=message):
-        _train(DataConfig(train=spec.format(tmp=tmp_path), num_workers=0, samples_per_epoch=10))
+        _train(DataConfig(train=spec.format(tmp=tmp_path), num_workers=0))
 
 
 def test_validation_needs_counts(tmp_path: Path) -> None:
@@ -172,16 +190,15 @@ def test_validation_needs_counts(tmp_path: Path) -> None:
 def test_weights_must_match_sources(tmp_path: Path) -> None:
     _shard(tmp_path / "train-000000.tar", "a", 3)
     with pytest.raises(DataError, match="one weight per source"):
-        _train(DataConfig(train=f"{tmp_path}/train-000000.tar", train_weights=[1.0, 2.0], samples_per_epoch=3))
+        _train(DataConfig(train=f"{tmp_path}/train-000000.tar", train_weights=[1.0, 2.0]))
 
 
 def test_fewer_shards_than_ranks_times_workers(tmp_path: Path) -> None:
     _shard(tmp_path / "train-000000.tar", "a", 50)
     write_index(str(tmp_path))
     data = DataConfig(train=str(tmp_path), num_workers=2, shuffle_buffer=10)
-    streams = [build_train_stream(data, image_size=28, channels=1, value_range=(0.0, 1.0), micro_batch_size=8,
+    streams = [build_train_stream(_bernoulli(data), image_size=28, channels=1, value_range=(0.0, 1.0), micro_batch_size=8,
                                   rank=r, world_size=2, seed=0, s3_cfg=None) for r in (0, 1)]
-    assert streams[0].steps_per_epoch == streams[1].steps_per_epoch == 4
     for stream in streams:  # one shard feeds 2 ranks x 2 workers: every reader still gets batches
         assert all(len(next(stream)["key"]) == 8 for _ in range(10))
         stream.close()

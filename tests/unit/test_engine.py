@@ -144,7 +144,7 @@ def test_global_batch_that_does_not_divide_is_an_error() -> None:
 
 
 def _ds(cfg: Config) -> dict:
-    return build_deepspeed_config(cfg, plan_batch(cfg.train.global_batch_size, cfg.train.grad_accum_steps, 2))
+    return build_deepspeed_config(cfg.distributed, plan_batch(cfg.train.global_batch_size, cfg.train.grad_accum_steps, 2))
 
 
 def test_generated_deepspeed_config() -> None:
@@ -263,11 +263,21 @@ def test_gate_skips(grads: list[list[float]], finite: bool, skip_above: float, r
     assert gate.decision.reason == reason
 
 
+def test_gate_takes_the_loss_verdict_as_a_device_tensor() -> None:
+    """The trainer leaves its finiteness verdict on the device; the gate's all-reduce carries it."""
+    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), model_numel=99)
+    gate.arm(torch.isfinite(torch.tensor(float("nan"))))
+    assert gate(_optimizer_with_grads([[1.0]])) is False
+    assert gate.decision.reason == "non-finite loss on 1 rank(s)"
+    gate.arm(torch.isfinite(torch.tensor(1.0)))
+    assert gate(_optimizer_with_grads([[1.0]])) is True
+
+
 def test_gated_optimizer_does_not_move_on_a_skip() -> None:
     from vae_train.engine import build_optimizer
 
     param = torch.nn.Parameter(torch.ones(3))
-    opt = build_optimizer([param], Config())
+    opt = build_optimizer([param], Config().optimizer)
     gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), model_numel=3)
     opt.step_gate = gate
     param.grad = torch.full((3,), float("nan"))

@@ -172,6 +172,15 @@ def test_bad_input_gets_a_clear_error(make_input, error: type[Exception], patter
     assert isinstance(info.value, VaeTrainError)
 
 
+def test_range_check_can_be_skipped_but_shape_checks_cannot() -> None:
+    """check_range=False (the trainer after its first batch) drops only the host-syncing value check."""
+    model = ConvVAE(tiny())
+    out = model(torch.rand(2, 1, 28, 28) * 2 - 1, check_range=False)  # out of range, not checked
+    assert out.recon_nll.shape == (2,)
+    with pytest.raises(InputShapeError, match="32x32"):
+        model(torch.zeros(2, 1, 32, 32), check_range=False)
+
+
 def test_logistic_model_rejects_unit_range_overflow() -> None:
     model = ConvVAE(tiny(likelihood="logistic"))
     with pytest.raises(DataRangeError, match=r"\[-1, 1\]"):

@@ -73,7 +73,7 @@ def test_lr_constant_and_no_warmup() -> None:
 def test_schedules_are_pure_functions_of_the_step() -> None:
     """Evaluating in any order (as after a resume) gives the same values."""
     cfg = load_config(None, ["kl.schedule=cyclical", "train.max_steps=300", "optimizer.warmup_steps=20"])
-    beta, lr = build_beta_schedule(cfg), build_lr_schedule(cfg)
+    beta, lr = build_beta_schedule(cfg.kl, 300), build_lr_schedule(cfg.optimizer, 300)
     forward = [(beta(s), lr(s)) for s in range(300)]
     backward = [(beta(s), lr(s)) for s in reversed(range(300))][::-1]
     assert forward == backward
@@ -83,8 +83,8 @@ def test_schedules_are_pure_functions_of_the_step() -> None:
 
 def test_build_from_default_config() -> None:
     cfg = Config()
-    assert build_beta_schedule(cfg)(cfg.kl.warmup_steps) == pytest.approx(cfg.kl.beta)
-    assert build_lr_schedule(cfg)(cfg.train.max_steps) == pytest.approx(cfg.optimizer.min_lr_ratio)
+    assert build_beta_schedule(cfg.kl, cfg.train.max_steps)(cfg.kl.warmup_steps) == pytest.approx(cfg.kl.beta)
+    assert build_lr_schedule(cfg.optimizer, cfg.train.max_steps)(cfg.train.max_steps) == pytest.approx(cfg.optimizer.min_lr_ratio)
 
 
 def test_plot_command_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -135,9 +135,10 @@ def _stream(args: argparse.Namespace, cfg: Config, model: ConvVAE, rank: int = 0
     from vae_train.data import build_val_stream
     from vae_train.evaluate import EvalError
 
-    binarize = args.binarize
-    if binarize == "auto":
-        binarize = "fixed" if model.config.likelihood == "bernoulli" else "none"
+    from vae_train.config import resolve_binarize
+
+    # auto -> dynamic for a Bernoulli model, which a validation stream draws as the fixed binarization
+    binarize = resolve_binarize(args.binarize, model.config.likelihood)
     data_cfg = cfg.data.model_copy(update={"val": args.data, "binarize": binarize})
     batch_size = args.batch_size or cfg.data.val_batch_size
     if batch_size < 1:

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         raise VaeTrainError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist; create it first")
 
     steps = list(range(cfg.train.max_steps))  # the steps a run takes: 0 .. max_steps - 1
-    beta, lr_mult = build_beta_schedule(cfg), build_lr_schedule(cfg)
+    beta = build_beta_schedule(cfg.kl, cfg.train.max_steps)
+    lr_mult = build_lr_schedule(cfg.optimizer, cfg.train.max_steps)
     fig, (ax_beta, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     ax_beta.plot(steps, [beta(s) for s in steps])
     ax_beta.set_ylabel("KL weight beta")

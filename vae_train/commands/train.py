@@ -1,4 +1,4 @@
-"""``vae-train train --config CONFIG [key=value ...]``: train a VAE (same as ``train.py``)."""
+"""``vae-train train --config CONFIG [key=value ...]``: train a VAE (``train.py`` runs this same command)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Make the run's final config, then train it.
+
+    Final means: the YAML file, the overrides, and what an ``accelerate launch
+    --config_file`` passed in ``ACCELERATE_*`` variables (ZeRO stage, precision,
+    a DeepSpeed JSON: :func:`vae_train.engine.apply_launcher_settings`), all
+    before anything is built; nothing downstream changes it.
+    """
     from vae_train.config import load_config
+    from vae_train.engine import apply_launcher_settings
     from vae_train.trainer import train
 
-    train(load_config(args.config, args.overrides))
+    cfg, notes = apply_launcher_settings(load_config(args.config, args.overrides))
+    train(cfg, notes=notes)
     return 0

@@ -17,7 +17,8 @@ Policy for images that do not match ``model.in_channels`` x ``image_size``:
 Rejections raise :class:`SampleRejected` with a reason; the stream counts them per
 reason and warns with the shard and key (or stops, with ``data.strict``).
 
-Binarization (section 5 of DESIGN.md, for Bernoulli likelihoods): ``dynamic``
+Binarization (for Bernoulli likelihoods, as in the binarized-MNIST protocol of
+Kingma & Welling and the IWAE paper: dynamic in training, fixed for evaluation): ``dynamic``
 draws each pixel from Bernoulli(intensity) with the worker's seeded generator on
 every read (so the exact-resume property still holds: the generator's state is
 part of the stream state); ``fixed`` draws with a generator seeded by the sample's

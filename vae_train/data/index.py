@@ -1,7 +1,7 @@
 """``index.json``: which shards a split has, how many samples each holds, and their hashes.
 
-Readers size epochs and split validation data across ranks from this file alone,
-without opening a shard. The file is written by ``vae-train prepare`` (or by
+Readers split validation data across ranks (and weight shard draws by their sample
+counts) from this file alone, without opening a shard; training itself needs no index. The file is written by ``vae-train prepare`` (or by
 ``vae-train prepare index DIR`` for existing shards and for job-array slices) and
 is deterministic: the same shards give byte-identical JSON, so a sliced prepare and
 a single-process prepare produce the same file.

@@ -9,7 +9,7 @@ Usage (what the trainer and ``vae-train eval`` call)::
         ...                                   # batch["key"]: list[str], batch["label"]: int64 [B]
     state = train.state_dict()                # JSON-serializable; store it in the checkpoint
     train.load_state_dict(state)              # continue with exactly the batches that came next
-    train.steps_per_epoch, train.epoch, train.stats()
+    train.stats()                             # images/s, time waiting for data, skipped samples
 
     val = build_val_stream(cfg.data, image_size=28, channels=1, value_range=(0.0, 1.0),
                            batch_size=256, rank=rank, world_size=world, s3_cfg=cfg.s3)
@@ -40,8 +40,9 @@ hold state that cannot be saved):
   shard up to its position (raw bytes, no decoding). A state from another world
   size, worker count, batch size, seed or data source is refused.
 * **Equal batch counts.** The stream is infinite on every rank, so collectives
-  never wait on a rank that ran dry; ``steps_per_epoch`` (the same on every rank)
-  marks logical epochs of ``data.samples_per_epoch`` samples over all ranks.
+  never wait on a rank that ran dry; ``train.max_steps`` ends a run, not an epoch.
+  No sample counts are needed, so shards made elsewhere (a brace pattern without
+  an index.json) train as they are.
 
 The validation stream reads every sample exactly once over all ranks and
 workers: index.json gives each shard's count, rank r takes the contiguous sample
@@ -52,7 +53,9 @@ decoded also becomes a masked slot, counted in ``stats()`` and warned about with
 its shard and key (``data.strict`` makes it an error).
 
 Damaged input is skipped and counted, never silently: ``stats()["skipped"]``
-counts by reason, each skip logs a warning naming shard and key, and a source
+counts by reason, and the first skip of each shard and reason in a worker logs a
+warning naming the shard and key (a shard drawn again, or the same problem again
+in it, is only counted; at most 20 warnings per worker), and a source
 that keeps giving nothing (32 shards in a row without a sample, or 256 samples in
 a row rejected) stops the run with a :class:`DataError` instead of spinning. A
 DataLoader that delivers nothing for ``data.timeout_s`` seconds is an error too.
@@ -92,7 +95,7 @@ MAX_EMPTY_SHARDS = 32
 MAX_CONSECUTIVE_REJECTS = 256
 """Samples in a row rejected by the decoder before the data is declared unusable."""
 MAX_WARNINGS_PER_WORKER = 20
-"""Skip warnings logged per worker; later skips are only counted (see stats())."""
+"""Skip warnings logged per worker (one per shard and reason); later skips are only counted (see stats())."""
 
 # Purposes mixed into seeds, so the generators of one (rank, worker) are independent.
 _SHARD_PICK, _BLOCK_ORDER, _WORKER_RNG = 1, 2, 3
@@ -119,23 +122,24 @@ class _Plan:
 
 
 class _Skips:
-    """Counts skipped samples by reason and rate-limits the warnings about them."""
+    """Counts skipped samples by reason; warns once per shard and reason (a redrawn shard stays quiet)."""
 
     def __init__(self, counts: dict[str, int] | None, strict: bool) -> None:
         self.counts: Counter[str] = Counter(counts or {})
         self.strict = strict
-        self._warned = 0
+        self._warned: set[tuple[str, str]] = set()
 
-    def skip(self, reason: str, message: str, n: int = 1) -> None:
-        """Count ``n`` skipped samples; raise instead when ``data.strict`` is on."""
+    def skip(self, shard: str, reason: str, message: str, n: int = 1) -> None:
+        """Count ``n`` skipped samples of ``shard``; raise instead when ``data.strict`` is on."""
         if self.strict:
             raise DataError(f"{message} (data.strict=true; set it to false to skip and count damaged data)")
         self.counts[reason] += n
-        self._warned += 1
-        if self._warned <= MAX_WARNINGS_PER_WORKER:
-            log.warning("skipping %s", message)
-            if self._warned == MAX_WARNINGS_PER_WORKER:
-                log.warning("further skipped samples in this worker are only counted (see data stats)")
+        if (shard, reason) in self._warned or len(self._warned) >= MAX_WARNINGS_PER_WORKER:
+            return
+        self._warned.add((shard, reason))
+        log.warning("skipping %s (further %r problems in this shard are only counted)", message, reason)
+        if len(self._warned) == MAX_WARNINGS_PER_WORKER:
+            log.warning("further skipped samples in this worker are only counted (see data stats)")
 
 
 def _take(raw: Iterator[RawSample], n: int) -> tuple[list[RawSample], ShardReadError | None, bool]:
@@ -200,7 +204,7 @@ class _ShardCursor:
                 raw.close()
             if error is not None:
                 last_problem = str(error)
-                skips.skip("shard_error", f"the rest of shard {error}")
+                skips.skip(url, "shard_error", f"the rest of shard {error}")
             if produced == 0:
                 empty += 1
                 last_problem = last_problem or f"{url}: no samples"
@@ -247,7 +251,7 @@ def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Ite
             try:
                 image, label = decode_sample(key, members, plan.spec, rng)
             except SampleRejected as rej:
-                skips.skip(rej.reason, f"sample {key!r} of shard {url}: {rej}")
+                skips.skip(url, rej.reason, f"sample {key!r} of shard {url}: {rej}")
                 rejected_in_row += 1
                 if rejected_in_row >= MAX_CONSECUTIVE_REJECTS:
                     raise DataError(
@@ -323,8 +327,9 @@ def _decode_spec(data_cfg: "DataConfig", image_size: int, channels: int,
                         "by the image decoder (use 1 or 3)")
     low, high = float(value_range[0]), float(value_range[1])
     binarize = data_cfg.binarize
-    if binarize == "auto":  # a DataConfig used outside a Config: (0, 1) is the Bernoulli range
-        binarize = "dynamic" if (low, high) == (0.0, 1.0) else "none"
+    if binarize == "auto":
+        raise DataError("data.binarize=auto is decided by the config from model.likelihood; build the DataConfig "
+                        "inside a Config, or set it with vae_train.config.resolve_binarize(setting, likelihood)")
     if binarize != "none" and (low, high) != (0.0, 1.0) and train:
         log.warning("data.binarize=%s with value range %s: binarized pixels become {%g, %g}; "
                     "binarization is meant for the Bernoulli likelihood", binarize, value_range, low, high)
@@ -352,15 +357,11 @@ class _Timing:
 class TrainStream:
     """Infinite, resumable per-rank batch stream (see the module docstring).
 
-    Attributes: ``steps_per_epoch`` (batches per rank per logical epoch, equal on
-    every rank), ``batches`` (batches delivered so far, restored by
-    ``load_state_dict``), ``epoch`` (``batches // steps_per_epoch``).
+    ``batches``: batches delivered so far (restored by ``load_state_dict``).
     """
 
-    def __init__(self, plan: _Plan, *, steps_per_epoch: int, samples_per_epoch: int, timeout_s: float) -> None:
+    def __init__(self, plan: _Plan, *, timeout_s: float) -> None:
         self._plan = plan
-        self.steps_per_epoch = steps_per_epoch
-        self.samples_per_epoch = samples_per_epoch
         self._timeout_s = timeout_s
         self._fingerprint = fingerprint(list(plan.sources))
         self._states: list[dict[str, Any] | None] = [None] * plan.logical_workers
@@ -368,11 +369,6 @@ class TrainStream:
         self.batches = 0
         self._iterator: Iterator[Any] | None = None
         self._timing = _Timing()
-
-    @property
-    def epoch(self) -> int:
-        """The logical epoch the next batch belongs to."""
-        return self.batches // self.steps_per_epoch
 
     def __iter__(self) -> "TrainStream":
         return self
@@ -472,8 +468,10 @@ def build_train_stream(
     """The training stream of ``rank`` of ``world_size``: infinite, resampled, resumable.
 
     Checks the sources now (missing shards, index, credentials raise
-    :class:`DataError` before any worker starts). ``value_range`` is the
-    likelihood's: (0, 1) for Bernoulli, (-1, 1) otherwise. ``seed`` with rank and
+    :class:`DataError` before any worker starts); sample counts are not needed
+    (shards without an index.json train as they are). ``value_range`` is the
+    likelihood's: (0, 1) for Bernoulli, (-1, 1) otherwise; ``data_cfg.binarize``
+    must be resolved (a DataConfig inside a Config is). ``seed`` with rank and
     worker seeds every random choice, so two runs with the same arguments produce
     identical batches.
     """
@@ -481,21 +479,13 @@ def build_train_stream(
     if micro_batch_size < 1:
         raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     sources = resolve_sources(data_cfg.train, default_split="train", weights=data_cfg.train_weights, s3_cfg=s3_cfg)
-    samples_per_epoch = data_cfg.samples_per_epoch
-    if not samples_per_epoch:
-        counts = [s.num_samples for s in sources]
-        if any(c is None for c in counts):
-            raise DataError("data.samples_per_epoch=0 means 'the train split's size from index.json', but "
-                            f"{data_cfg.train!r} has no index; set data.samples_per_epoch")
-        samples_per_epoch = sum(counts)  # type: ignore[arg-type]
     plan = _Plan(
         sources=tuple(sources),
         spec=_decode_spec(data_cfg, image_size, channels, value_range, train=True),
         batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
         seed=seed, block_size=max(1, data_cfg.shuffle_buffer), strict=data_cfg.strict, s3_cfg=s3_cfg,
     )
-    steps = max(1, math.ceil(samples_per_epoch / (world_size * micro_batch_size)))
-    return TrainStream(plan, steps_per_epoch=steps, samples_per_epoch=samples_per_epoch, timeout_s=data_cfg.timeout_s)
+    return TrainStream(plan, timeout_s=data_cfg.timeout_s)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -540,7 +530,7 @@ def _val_positions(plan: _Plan, layout: _ValLayout, lo: int, hi: int, skips: _Sk
         missing = (last - first) - got
         if missing:
             cause = str(error) if error else f"{shard.url}: shard has fewer samples than index.json says"
-            skips.skip("missing", f"{missing} validation sample(s) that could not be read ({cause}); "
+            skips.skip(shard.url, "missing", f"{missing} validation sample(s) that could not be read ({cause}); "
                        "they are masked out", missing)
 
 
@@ -565,7 +555,7 @@ def _val_worker(plan: _Plan, worker: int, _state: None, layout: _ValLayout) -> I
                 images[pos - start], labels[pos - start] = decode_sample(key, members, plan.spec, None)
                 keys[pos - start], mask[pos - start] = key, True
             except SampleRejected as rej:
-                skips.skip(rej.reason, f"validation sample {key!r} of shard {url}: {rej}; it is masked out")
+                skips.skip(url, rej.reason, f"validation sample {key!r} of shard {url}: {rej}; it is masked out")
             pending = next(samples, None)
         yield _batch(images, keys, labels, mask), worker, dict(skips.counts)
 

@@ -165,7 +165,8 @@ class ConvVAE(nn.Module):
 
     Public interface (the trainer, evaluator and exporter rely on it):
 
-    * ``model(x, generator=None) -> VAEOutput`` -- one reparameterized sample per image.
+    * ``model(x, generator=None, check_range=True) -> VAEOutput`` -- one reparameterized
+      sample per image.
     * ``model.encode(x) -> (mu, logvar)``; ``model.decode(z) -> x_params``.
     * ``model.target(x)`` -- the checked input as the likelihood scores it (the centre
       crop in ``crop`` mode), so ``model.likelihood.log_prob(model.target(x), model.decode(z))``
@@ -205,8 +206,13 @@ class ConvVAE(nn.Module):
 
     # -- input handling -------------------------------------------------------------
 
-    def _check(self, x: torch.Tensor) -> None:
-        """Reject batches of the wrong rank, channels, size, dtype or value range (one min/max)."""
+    def _check(self, x: torch.Tensor, check_range: bool = True) -> None:
+        """Reject batches of the wrong rank, channels, size or dtype, and (``check_range``) value range.
+
+        The shape and dtype checks read only metadata. The range check is one
+        ``aminmax`` whose result the host must read: a device sync, so a caller whose
+        data is in range by construction may skip it (see :meth:`forward`).
+        """
         cfg = self.config
         expected = f"[B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}]"
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -229,18 +235,20 @@ class ConvVAE(nn.Module):
             )
         if x.numel() == 0:
             raise InputShapeError("the image batch is empty")
+        if not check_range:
+            return
         lo, hi = (float(v) for v in torch.aminmax(x.detach()))
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise InputShapeError("the image batch holds NaN or infinite pixel values; check the data source")
         self.likelihood.check_range(lo, hi)
 
-    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, x: torch.Tensor, check_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Check ``x`` once and return (network input, likelihood target).
 
         The network input takes the weights' dtype (bf16/fp16 models accept fp32
         batches); the target keeps the data's precision, so 8-bit levels stay exact.
         """
-        self._check(x)
+        self._check(x, check_range)
         geo = self._geometry
         net_dtype = self.encoder.conv_in.weight.dtype
         if geo.network_size == self.config.image_size:
@@ -273,9 +281,16 @@ class ConvVAE(nn.Module):
             params = params[:, :, geo.offset : end, geo.offset : end]
         return params
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
-        """One-sample ELBO terms for ``x`` (``[B, C, H, W]`` in ``likelihood.value_range``)."""
-        net_input, target = self._prepare(x)
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, check_range: bool = True
+                ) -> VAEOutput:
+        """One-sample ELBO terms for ``x`` (``[B, C, H, W]`` in ``likelihood.value_range``).
+
+        ``check_range=False`` skips the pixel-range check (NaN, infinities, values
+        outside the likelihood's range), which costs a host sync per call. The
+        trainer checks its first batch and then skips it: its data stream decodes
+        every image into the likelihood's range by construction.
+        """
+        net_input, target = self._prepare(x, check_range)
         mu, logvar = self.encoder(net_input)
         z, kl, kl_per_channel = reparam_kl(
             mu, logvar, generator=generator, return_per_channel=True, impl=self.config.reparam
