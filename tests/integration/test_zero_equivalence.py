@@ -100,7 +100,8 @@ def replay(config_yaml: Path) -> dict:
     opt = cfg.optimizer
     adamw = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                               weight_decay=opt.weight_decay)
-    beta, lr_multiplier = build_beta_schedule(cfg), build_lr_schedule(cfg)
+    max_steps = cfg.train.max_steps
+    beta, lr_multiplier = build_beta_schedule(cfg.kl, max_steps), build_lr_schedule(cfg.optimizer, max_steps)
     losses, norms, lrs = [], [], []
     for step in range(STEPS):
         images, eps = fixed_batch(step, range(GLOBAL_BATCH), tuple(model.latent_shape))

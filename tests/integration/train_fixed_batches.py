@@ -83,15 +83,15 @@ def _install(rank: int, applied_lrs: list[float]) -> None:
     original_forward = ConvVAE.forward
     steps = {"training_calls": 0}
 
-    def forward(self, x, generator=None):
+    def forward(self, x, generator=None, **kwargs):
         if not self.training:
-            return original_forward(self, x, generator)
+            return original_forward(self, x, generator, **kwargs)
         step = steps["training_calls"]
         steps["training_calls"] += 1
         n = x.shape[0]
         images, eps = fixed_batch(step, range(rank * n, (rank + 1) * n), tuple(self.latent_shape))
         with noise_from(eps):
-            return original_forward(self, images.to(x.device, x.dtype), generator)
+            return original_forward(self, images.to(x.device, x.dtype), generator, **kwargs)
 
     ConvVAE.forward = forward
 
