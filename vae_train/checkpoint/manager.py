@@ -282,11 +282,16 @@ class CheckpointManager:
             os.replace(tmp, ckpt_dir / file_name)
 
     def _hash_own_files(self, ckpt_dir: Path) -> dict[str, FileEntry]:
-        """Size and SHA-256 of the files this rank wrote (attributed by file name)."""
+        """Size and SHA-256 of the files this rank wrote (attributed by file name).
+
+        Hidden files are other writers' temporaries (ours from ``temp_sibling``,
+        safetensors' ``.tmpXXXX``): another rank may still be writing one while this
+        rank hashes, and a temporary that is renamed away must never enter the manifest.
+        """
         out = {}
         for path in sorted(ckpt_dir.rglob("*")):
             rel = path.relative_to(ckpt_dir).as_posix()
-            if not path.is_file() or rel == MANIFEST or path.name.endswith(".tmp"):
+            if not path.is_file() or rel == MANIFEST or path.name.startswith(".") or path.name.endswith(".tmp"):
                 continue
             if owner_rank(rel) == self.rank:
                 out[rel] = FileEntry(path.stat().st_size, sha256_file(path), self.rank)
