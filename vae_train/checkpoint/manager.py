@@ -407,6 +407,8 @@ class CheckpointManager:
         mine = (rank0 if self.rank == 0 else self._read_rank_state(path, self.rank)) if same_world else None
         converted = [p.name for p in self._engines()
                      if not same_world or manifest.parts[p.name].zero_stage != p.obj.zero_stage()]  # type: ignore[union-attr]
+        _refuse_universal_into_zero3(path, manifest, self.world_size,
+                                     {p.name: p.obj.zero_stage() for p in self._engines() if p.name in converted})  # type: ignore[union-attr]
         for part in self._engines():
             engine = part.obj
             assert isinstance(engine, DeepSpeedState)
@@ -497,6 +499,23 @@ class CheckpointManager:
         distributed.barrier()
         if self.local_rank == 0:
             shutil.rmtree(load_dir / tag, ignore_errors=True)
+
+
+def _refuse_universal_into_zero3(path: Path, manifest: Manifest, world_size: int, stages: dict[str, int]) -> None:
+    """Refuse, before loading, a conversion DeepSpeed cannot load: a universal checkpoint into ZeRO-3.
+
+    DeepSpeed's ZeRO-3 engine looks for its own per-rank model files in the
+    universal folder and dies on a bare ``AssertionError``; say what works instead.
+    """
+    for name, stage in stages.items():
+        saved = manifest.parts[name].zero_stage
+        if stage == 3 and saved > 0:
+            raise CheckpointError(
+                f"checkpoint {path} ({name!r}) was saved by {manifest.world_size} ranks with ZeRO stage {saved}; "
+                f"this run has {world_size} ranks with ZeRO stage 3, which would need a universal checkpoint "
+                "loaded into ZeRO-3, and DeepSpeed cannot do that. Resume with "
+                f"{manifest.world_size} ranks and distributed.zero_stage={saved} (exact), or with "
+                "distributed.zero_stage=1 or 2 at any world size")
 
 
 def _library_version() -> str:
