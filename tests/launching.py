@@ -88,13 +88,66 @@ def start(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path = 
                             start_new_session=True)
 
 
+def _processes() -> list[tuple[int, int, bytes]]:
+    """(pid, parent pid, command line) of every process we can see, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        found.append((int(entry.name), ppid, cmdline))
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, parent, _ in _processes():
+        children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _sigkill(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group ``proc`` leads (its launcher and ranks) if it still runs."""
+    """SIGKILL ``proc``'s process group and every descendant, if it still runs.
+
+    Descendants too: torchrun starts each rank in its own session, so a
+    process-group kill alone would leave the ranks running.
+    """
     if proc.poll() is None:
+        ranks = _descendants(proc.pid)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        _sigkill(ranks)
+
+
+def kill_matching(text: str) -> int:
+    """SIGKILL every process whose command line contains ``text`` (e.g. a job's unique run dir); how many.
+
+    For ranks orphaned when a fault killed their launcher (their parent link is gone).
+    """
+    needle = text.encode()
+    victims = [pid for pid, _, cmdline in _processes() if needle in cmdline and pid != os.getpid()]
+    _sigkill(victims)
+    return len(victims)
 
 
 def finish(proc: subprocess.Popen, timeout_s: float = 240) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ when a fault SIGKILLed its launcher.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tests.launching import clean_env, start, torchrun
+from tests.launching import clean_env, kill_group, kill_matching, start, torchrun
 from vae_train.export import consolidated_state_dict
 
 SCRIPT = "tests/integration/fault_train.py"
@@ -37,19 +36,20 @@ def start_train(shards: Path, run_dir: Path, *overrides: str, nproc: int = 2, en
 
 
 def reap(proc: subprocess.Popen, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    """Wait for the launcher, then SIGKILL whatever is left of its process group, and return the output.
+    """Wait for the launcher, then SIGKILL whatever is left of the job, and return the output.
 
-    A fault that SIGKILLs the launcher can orphan a rank that still holds the output
-    pipe; killing the group (the job's session, never pytest) ends it.
+    A fault that SIGKILLs the launcher can orphan a rank (torchrun starts each rank
+    in its own session) that still holds the output pipe: every process whose
+    command line names this job's run dir is killed.
     """
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     timed_out = proc.poll() is None
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_group(proc)
+    run_dir = next((arg for arg in proc.args if str(arg).startswith("run_dir=")), None)
+    if run_dir is not None:
+        kill_matching(str(run_dir))
     out, _ = proc.communicate(timeout=60)
     if timed_out:
         raise AssertionError(f"job did not end within {timeout_s}s:\n{out[-4000:]}")
