@@ -52,10 +52,20 @@ def _check_final(run: Path, reference: dict) -> None:
     assert_same_tensors(reference, weights(run / "checkpoints" / _step(STEPS)), f"final weights of {run}")
 
 
-def _committed(client, bucket: str, prefix: str) -> set[int]:
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+def _remote_keys(client, bucket: str, prefix: str) -> list[str]:
+    return [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             for o in page.get("Contents", [])]
-    return {int(m.group(1)) for k in keys if (m := re.search(r"step-(\d+)/manifest\.json$", k))}
+
+
+def _committed(client, bucket: str, prefix: str) -> set[int]:
+    """Steps committed under ``prefix`` (their manifest is there)."""
+    return {int(m.group(1)) for k in _remote_keys(client, bucket, prefix + "/")
+            if (m := re.search(r"step-(\d+)/manifest\.json$", k))}
+
+
+def _remote_key_of(client, bucket: str, step: int, file_name: str) -> str | None:
+    """The key of one file of checkpoint ``step`` (files sit under the step's writer generation)."""
+    return next((k for k in _remote_keys(client, bucket, f"run/{_step(step)}/") if k.endswith("/" + file_name)), None)
 
 
 def test_sigkill_mid_save_resumes_previous_commit_exactly(fashion_shards, tmp_path, reference):
@@ -94,10 +104,9 @@ def test_manifest_waits_for_a_held_then_failing_upload_on_rank_1(fashion_shards,
     try:
         wait_for(tmp_path / "upload_held", proc)
         # Rank 0's own files of checkpoint 10 arrive; it then waits for rank 1's.
-        rank0_files = [f"run/{_step(10)}/trainer_state.rank00000.json",
-                       f"run/{_step(10)}/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+        rank0_files = ["trainer_state.rank00000.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
         deadline = time.monotonic() + 120
-        while not all(has_object(client, s3_bucket, key) for key in rank0_files):
+        while not all(_remote_key_of(client, s3_bucket, 10, name) for name in rank0_files):
             assert time.monotonic() < deadline and proc.poll() is None, "rank 0 never uploaded its files"
             time.sleep(0.2)
         time.sleep(3)  # rank 0 polls for its peers' files meanwhile
@@ -157,7 +166,8 @@ def test_tampered_remote_file_is_refused_and_the_previous_commit_resumed(fashion
     remote, client = f"s3://{s3_bucket}/run", s3_server.client()
     ok(start_train(fashion_shards, tmp_path / "first", *RUN, f"checkpoint.remote={remote}", env=s3_server.env()))
     assert _committed(client, s3_bucket, "run") == {5, 10, 15, 20}
-    key = f"run/{_step(20)}/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    key = _remote_key_of(client, s3_bucket, 20, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert key is not None
     head = client.head_object(Bucket=s3_bucket, Key=key)
     body = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
     body[len(body) // 2] ^= 0x01  # one flipped bit; same size, the stored hash metadata kept
@@ -166,6 +176,8 @@ def test_tampered_remote_file_is_refused_and_the_previous_commit_resumed(fashion
     log = ok(start_train(fashion_shards, run, *RUN, f"checkpoint.remote={remote}", env=s3_server.env()))
     assert re.search(rf"refusing remote checkpoint {_step(20)}: .*corrupted: zero_pp_rank_1_mp_rank_00_optim_states",
                      log), log[-4000:]
+    assert (f"resume=auto: falling back to {_step(15)}: the newer {_step(20)} cannot be used (see above), so the "
+            "5 step(s) after step 15 are lost and trained again") in log
     assert f"resumed from {run / 'checkpoints' / _step(15)} at step 15" in log
     _check_final(run, reference)
 
