@@ -84,7 +84,7 @@ def _decide_auto(root: Path, store: ObjectStore | None, s3_cfg: S3Config | None)
                 log.warning("refusing remote checkpoint %s: %s", step_name(step), exc)
                 refused.append((step, f"{store.uri}/{step_name(step)}: {exc}"))
                 continue
-            log.info("resume=auto: newest usable committed remote checkpoint is %s/%s", store.uri, step_name(step))
+            log.info("resume=auto: newest committed remote checkpoint is %s/%s", store.uri, step_name(step))
             decision = candidate
             break
     if decision is None:
@@ -93,7 +93,7 @@ def _decide_auto(root: Path, store: ObjectStore | None, s3_cfg: S3Config | None)
         for step, path, manifest in reversed(good):
             problems = verify_local(path, manifest)
             if not problems:
-                log.info("resume=auto: newest usable committed local checkpoint is %s", path)
+                log.info("resume=auto: newest committed local checkpoint is %s", path)
                 decision = ResumeDecision(step, str(path))
                 break
             log.warning("refusing local checkpoint %s: %s", path, "; ".join(problems[:3]))
