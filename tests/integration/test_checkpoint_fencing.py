@@ -12,30 +12,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.ckpt_worker import finish_job
+from tests.launching import clean_env, finish, start, torchrun
 from vae_train import checkpoint as ck
-from vae_train.distributed import free_port
 from vae_train.storage import S3Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _start(shards: Path, run_dir: Path, env: dict[str, str], *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "train.py", "--config", "configs/tiny.yaml",
-           f"data.train={shards}", f"data.val={shards}", f"run_dir={run_dir}", "distributed.zero_stage=2",
-           "distributed.precision=fp32", "checkpoint.every_steps=5", "checkpoint.keep_last=2",
-           "logging.image_every=0", "logging.histogram_every=0", "resume=auto", *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = torchrun("train.py", "--config", "configs/tiny.yaml",
+                   f"data.train={shards}", f"data.val={shards}", f"run_dir={run_dir}", "distributed.zero_stage=2",
+                   "distributed.precision=fp32", "checkpoint.every_steps=5", "checkpoint.keep_last=2",
+                   "logging.image_every=0", "logging.histogram_every=0", "resume=auto", *overrides)
+    return start(cmd, env=clean_env(**env))
 
 
 def _generation(manifest: ck.Manifest) -> int:
@@ -75,14 +70,14 @@ def test_two_jobs_on_one_prefix_fence_the_older_and_keep_every_checkpoint_verifi
         _wait_for_commit(store, 10, old)
         # A requeue (or a resubmission) while the old incarnation still trains and uploads.
         new = _start(fashion_shards, tmp_path / "new", env, remote, "train.max_steps=5000")
-        old_log = finish_job(old, 400)  # it must stop by itself
+        old_log = finish(old, 400)  # it must stop by itself
         deadline = time.monotonic() + 300
         while not any(_generation(m) == 2 for m in _committed(store).values()):
             assert new.poll() is None and time.monotonic() < deadline, "the new incarnation never committed"
             time.sleep(0.5)
         for pid in _children(new.pid):  # then end it the way a cluster does: SIGTERM to its ranks
             os.kill(pid, signal.SIGTERM)
-        new_log = finish_job(new, 300)
+        new_log = finish(new, 300)
     finally:
         for proc in (old, new):
             if proc is not None and proc.poll() is None:
@@ -174,7 +169,7 @@ def test_resume_over_a_damaged_history_refuses_to_start_fresh(fashion_shards, s3
     client = s3_server.client()
     store = S3Store(s3_bucket, "damaged", client)
     remote = f"checkpoint.remote=s3://{s3_bucket}/damaged"
-    first = finish_job(_start(fashion_shards, tmp_path / "first", env, remote, "train.max_steps=10"), 300)
+    first = finish(_start(fashion_shards, tmp_path / "first", env, remote, "train.max_steps=10"), 300)
     assert first.returncode == 0, first.stdout[-6000:]
     manifests = _committed(store)
     assert set(manifests) == {5, 10}
@@ -188,13 +183,13 @@ def test_resume_over_a_damaged_history_refuses_to_start_fresh(fashion_shards, s3
         client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body), Metadata=head["Metadata"])
 
     damage(10)
-    fallback = finish_job(_start(fashion_shards, tmp_path / "fallback", env, remote, "train.max_steps=5"), 300)
+    fallback = finish(_start(fashion_shards, tmp_path / "fallback", env, remote, "train.max_steps=5"), 300)
     assert fallback.returncode == 0, fallback.stdout[-6000:]
     assert "falling back to step-00000005" in fallback.stdout and "the 5 step(s) after step 5 are lost" in fallback.stdout
     assert "at step 5 (exact: same world size 2)" in fallback.stdout
 
     damage(5)
-    refused = finish_job(_start(fashion_shards, tmp_path / "refused", env, remote, "train.max_steps=10"), 300)
+    refused = finish(_start(fashion_shards, tmp_path / "refused", env, remote, "train.max_steps=10"), 300)
     assert refused.returncode != 0, refused.stdout[-6000:]
     out = refused.stdout
     assert "vae-train train: error: resume=auto found committed checkpoints but none that verifies" in out, out[-6000:]

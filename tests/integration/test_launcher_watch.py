@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.launching import REPO, clean_env
+
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[2]
 
 _RANK = textwrap.dedent("""
     import time
@@ -47,9 +48,7 @@ _LAUNCHERS = {
 @pytest.mark.parametrize("launcher", sorted(_LAUNCHERS))
 def test_a_rank_stops_when_its_launcher_is_sigkilled(launcher: str) -> None:
     extra, argv = _LAUNCHERS[launcher]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "TORCHELASTIC_RUN_ID", "CROSS_RANK")}
-    env.update(extra, PYTHONPATH=str(REPO))
+    env = clean_env(**extra, PYTHONPATH=str(REPO))
     top = subprocess.Popen([sys.executable, "-c", *argv], env=env, stdout=subprocess.PIPE, text=True,
                            start_new_session=True)
     pids = []
