@@ -139,11 +139,11 @@ def main() -> int:
                                                                   config=client.meta.config))
         ours, plain = [], []
         for i in range(args.repeats):
-            uploader = Uploader(store, 0, RetentionPolicy(cfg.checkpoint.keep_last, cfg.checkpoint.keep_every),
-                                cfg.checkpoint.upload_deadline_s)
+            uploader = Uploader(store, 0, manager.writer, RetentionPolicy(cfg.checkpoint.keep_last,
+                                cfg.checkpoint.keep_every), cfg.checkpoint.upload_deadline_s)
             t0 = time.perf_counter()
             uploader.submit(UploadJob(i, ckpt_dir, manifest.files, ck.Manifest(
-                i, 1, 2, manifest.files, "", ""), time.monotonic()))
+                i, 1, 2, manifest.files, "", "", writer=manager.writer), time.monotonic()))
             uploader.wait_idle(600)
             ours.append(time.perf_counter() - t0)
             uploader.stop()
@@ -166,7 +166,7 @@ def main() -> int:
             plain_dir.mkdir(parents=True)
             t0 = time.perf_counter()
             for name in manifest.files:
-                client.download_file(server.bucket, f"bench/{ck.step_name(remote_step)}/{name}", str(plain_dir / name))
+                client.download_file(server.bucket, f"bench/{manifest.remote_key(name)}", str(plain_dir / name))
             engine.load_checkpoint(str(plain_dir.parent), tag=plain_dir.name)
             resume_plain.append(time.perf_counter() - t0)
         manager.close()

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup.sh
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-exec .venv/bin/python -m pytest tests "$@"
+# Without arguments: every test under tests/. Arguments replace that selection (e.g. tests/unit -x).
+exec .venv/bin/python -m pytest "${@:-tests}"

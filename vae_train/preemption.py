@@ -23,6 +23,18 @@ into "ignore" once a signal was received) absorbs it, so the ranks finish
 exiting cleanly. A plain ``scancel`` also arrives as SIGTERM: the run still
 saves its checkpoint, but it is not requeued (see :func:`requeue_if_slurm`).
 
+A rank also stops when its launcher dies. Launchers that stay the parent of
+their ranks are watched (a thread looks once a second, :data:`LAUNCHER_POLL_S`):
+``torchrun`` and ``accelerate launch`` (the agent process), ``deepspeed`` (the
+per-node ``deepspeed.launcher.launch`` and the ``deepspeed`` runner above it)
+and ``srun`` (``slurmstepd``). torchrun starts its ranks in sessions of their
+own, so a SIGKILL of the launcher alone does not reach them; without the watch
+they would train on as orphans beside a requeued incarnation. When the launcher
+is gone the flag is set as if a signal had arrived: the ranks agree on a step,
+save a final checkpoint (which :mod:`vae_train.checkpoint` refuses to write if a
+newer incarnation already owns the location) and exit. A plain ``python`` run
+has no launcher and is not watched.
+
 DataLoader workers and other helper processes get the same job-wide signals;
 start them with :func:`shield_worker_from_job_signals` so they do not die under
 the trainer while it checkpoints.
@@ -47,17 +59,55 @@ import shutil
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Callable
 
-from vae_train.distributed import any_rank
+from vae_train.distributed import LaunchError, any_rank, detect_launch_env
 
 log = logging.getLogger(__name__)
 
 #: SIGUSR1 is the time-limit warning our sbatch script asks for; SIGTERM is preemption/cancel.
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
+#: Launchers that stay alive as the parent of their ranks (``python``: no launcher; ``env``: unknown).
+WATCHED_LAUNCHERS = ("torchrun", "accelerate", "deepspeed", "slurm")
+#: How often a rank looks whether its launcher is still there.
+LAUNCHER_POLL_S = 1.0
+
 _Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def _process_start(pid: int) -> str:
+    """The start time of a live process (``/proc``), "" when it is gone or a zombie: pid reuse cannot fool it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ..., starttime (22nd field)
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
+
+def launcher_processes() -> list[tuple[int, str]]:
+    """(pid, start time) of the launcher processes whose exit ends this rank.
+
+    The parent (torchrun's / accelerate's agent, DeepSpeed's per-node
+    ``deepspeed.launcher.launch``, srun's ``slurmstepd``), and for DeepSpeed also the
+    ``deepspeed`` runner above it, which the user started and may kill alone.
+    Without ``/proc`` (not Linux) the watch falls back to noticing a new parent pid.
+    """
+    parent = os.getppid()
+    watched = [(parent, _process_start(parent))]
+    try:
+        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{parent}/stat").read_text()
+    except OSError:
+        return [(pid, start) for pid, start in watched if start]
+    if any(b"deepspeed.launcher.launch" in part for part in cmdline):
+        grandparent = int(stat[stat.rindex(")") + 2:].split()[1])
+        if grandparent > 1:
+            watched.append((grandparent, _process_start(grandparent)))
+    return [(pid, start) for pid, start in watched if start]
 
 
 class PreemptionHandler:
@@ -68,10 +118,14 @@ class PreemptionHandler:
     The loop checks the flag at the next step boundary instead.
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS, *, watch_launcher: bool = True) -> None:
         self.signals = signals
+        self.watch_launcher = watch_launcher
         self._received: signal.Signals | None = None
+        self._launcher_gone: str | None = None
         self._previous: dict[signal.Signals, _Handler] = {}
+        self._stop_watch = threading.Event()
+        self._watch_thread: threading.Thread | None = None
 
     # -- installation -------------------------------------------------------------
     def install(self) -> PreemptionHandler:
@@ -83,7 +137,30 @@ class PreemptionHandler:
         for sig in self.signals:
             if sig not in self._previous:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self.watch_launcher and self._watch_thread is None:
+            self._start_launcher_watch()
         return self
+
+    def _start_launcher_watch(self) -> None:
+        """Poll, in a daemon thread, whether the launcher that started this rank is still alive."""
+        try:
+            launcher = detect_launch_env().launcher
+        except LaunchError:
+            return
+        if launcher not in WATCHED_LAUNCHERS or self._stop_watch.is_set():
+            return
+        self._watch_thread = threading.Thread(target=self._watch, args=(launcher, os.getppid(), launcher_processes()),
+                                              name="launcher-watch", daemon=True)
+        self._watch_thread.start()
+
+    def _watch(self, launcher: str, parent: int, watched: list[tuple[int, str]]) -> None:
+        while not self._stop_watch.wait(LAUNCHER_POLL_S):
+            gone = [pid for pid, started in watched if _process_start(pid) != started]
+            if os.getppid() != parent or gone:
+                self._launcher_gone = f"{launcher} (pid {gone[0] if gone else parent})"
+                log.warning("the launcher %s exited while this rank runs: it stops at the next step boundary "
+                            "after a final checkpoint, instead of training on as an orphan", self._launcher_gone)
+                return
 
     def uninstall(self) -> None:
         """Restore whatever handlers were there before :meth:`install`.
@@ -95,6 +172,7 @@ class PreemptionHandler:
         threads, or during interpreter shutdown, where Python drops its own
         handlers (``SIG_IGN`` survives that). SIGKILL still ends it.
         """
+        self._stop_watch.set()
         if self.requested:
             for sig in self._previous:
                 signal.signal(sig, signal.SIG_IGN)
@@ -119,13 +197,15 @@ class PreemptionHandler:
     # -- state ----------------------------------------------------------------------
     @property
     def requested(self) -> bool:
-        """True once this process received one of the signals."""
-        return self._received is not None
+        """True once this process received one of the signals, or its launcher exited."""
+        return self._received is not None or self._launcher_gone is not None
 
     @property
     def signal_name(self) -> str | None:
-        """Name of the first signal received (``"SIGUSR1"``), or None."""
-        return self._received.name if self._received is not None else None
+        """Name of the first signal received (``"SIGUSR1"``), ``"launcher exit"``, or None."""
+        if self._received is not None:
+            return self._received.name
+        return "launcher exit" if self._launcher_gone is not None else None
 
     def any_rank_requested(self) -> bool:
         """Collective: True on every rank when any rank has received a signal.

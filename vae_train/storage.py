@@ -16,8 +16,9 @@ cheap to test. The S3 side is plain boto3:
   outer loop with the same shape for callers that must outlast a longer outage.
 * Large files go through boto3's transfer manager (multipart, parallel parts).
 * ``put_bytes(..., if_none_match=True)`` is a conditional write (``If-None-Match:
-  *``): the checkpoint manifest is committed with it so two writers can never
-  both believe they committed the same checkpoint.
+  *``; on a directory an atomic create-if-absent): checkpoint manifests are
+  committed and run generations claimed with it, so two writers can never both
+  believe they committed the same checkpoint or hold the same generation.
 
 Public interface (used by :mod:`vae_train.checkpoint` and the data pipeline)::
 
@@ -27,6 +28,7 @@ Public interface (used by :mod:`vae_train.checkpoint` and the data pipeline)::
     store.put_file(path, key, metadata=..) / put_bytes(data, key, if_none_match=..) -> bool
     store.get_file(key, path) / get_bytes(key) / head(key) / exists(key)
     store.list(prefix) -> list[ObjectInfo] / delete(keys)
+    store.child("generations")             -> the store rooted one level down (same client)
     store.check_access(write=True)         # fail fast before training starts
 """
 
@@ -219,6 +221,10 @@ class ObjectStore:
         """Raise :class:`StorageError` now if the store cannot be read (and written)."""
         raise NotImplementedError
 
+    def child(self, sub: str) -> ObjectStore:
+        """The store rooted at ``sub`` inside this one (same connection)."""
+        raise NotImplementedError
+
 
 
 def temp_sibling(path: Path) -> Path:
@@ -312,6 +318,9 @@ class LocalStore(ObjectStore):
         for key in keys:
             self._path(key).unlink(missing_ok=True)
 
+    def child(self, sub: str) -> LocalStore:
+        return LocalStore(self.root / sub)
+
     def check_access(self, write: bool = True) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -400,6 +409,9 @@ class S3Store(ObjectStore):
         batch = [{"Key": self._key(k)} for k in keys]
         for start in range(0, len(batch), 1000):  # the DeleteObjects limit
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch[start:start + 1000], "Quiet": True})
+
+    def child(self, sub: str) -> S3Store:
+        return S3Store(self.bucket, self._key(sub.strip("/")), self.client)
 
     def check_access(self, write: bool = True) -> None:
         """Fail fast, before training, with the cause and the fix (no credential in the message)."""

@@ -71,9 +71,10 @@ def test_exact_resume_from_s3_into_empty_run_dir_after_sigkill(s3_server, s3_buc
     manifest = ck.Manifest.from_json(s3_server.client().get_object(
         Bucket=s3_bucket, Key="exact/step-00000004/manifest.json")["Body"].read(), "remote")
     assert manifest.world_size == 2 and manifest.zero_stage == 2 and manifest.step == 4
-    assert sorted(f"step-00000004/{n}" for n in manifest.files) == sorted(k for k in by_step[4] if not k.endswith(ck.MANIFEST))
+    assert manifest.writer.startswith("g00000001-")  # the first incarnation on this prefix; its files live under it
+    assert sorted(manifest.remote_key(n) for n in manifest.files) == sorted(k for k in by_step[4] if not k.endswith(ck.MANIFEST))
     for name, entry in manifest.files.items():  # every listed file is there, verified by its stored hash
-        head = s3_server.client().head_object(Bucket=s3_bucket, Key=f"exact/step-00000004/{name}")
+        head = s3_server.client().head_object(Bucket=s3_bucket, Key=f"exact/{manifest.remote_key(name)}")
         assert head["ContentLength"] == entry.size and head["Metadata"]["sha256"] == entry.sha256
     # Resume on a "new machine": an empty run dir, everything comes from S3.
     resumed = _spec(tmp_path, "resumed", steps=8, remote=remote, keep_last=2)
@@ -142,7 +143,9 @@ def test_tampered_remote_file_is_refused_and_auto_falls_back(s3_env, s3_bucket, 
     remote = f"s3://{s3_bucket}/tamper"
     _ok(run_job(_spec(tmp_path, "orig", world=1, steps=4, keep_last=3, remote=remote), tmp_path, s3_env.env()))
     client = s3_env.client()
-    key = "tamper/step-00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    manifest = ck.Manifest.from_json(client.get_object(Bucket=s3_bucket, Key="tamper/step-00000004/manifest.json")
+                                     ["Body"].read(), "remote")
+    key = f"tamper/{manifest.remote_key('zero_pp_rank_0_mp_rank_00_optim_states.pt')}"
     head = client.head_object(Bucket=s3_bucket, Key=key)
     body = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
     body[len(body) // 2] ^= 0x01  # one flipped bit, same size, the stored hash metadata kept

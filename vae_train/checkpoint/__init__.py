@@ -9,10 +9,17 @@ DeepSpeed engine (``model``), the data stream (``data``) and its counters
 ZeRO stage and step. A checkpoint without a valid manifest does not exist, so a
 save killed half-way (SIGKILL, node loss) is never resumed.
 
+Committed checkpoints are immutable and a stale writer is fenced off
+(:mod:`.fence`): every incarnation of a run claims a generation with a
+conditional write, uploads under its own name (``step-N/gNNNNNNNN-ID/...``), and
+stops with :class:`FencedError` once a newer incarnation has claimed the
+location; retention deletes only its own lineage's checkpoints.
+
 Resume (``resume=auto``) takes the newest committed checkpoint in the remote,
 else in the local run dir, downloads it in parallel if needed, verifies every
 file against the manifest (a failing one is refused and ``auto`` falls back to
-the previous one) and loads it. Same world size: exact (DeepSpeed state, each
+the previous one, logging the steps lost; when none verifies it raises instead
+of starting fresh) and loads it. Same world size: exact (DeepSpeed state, each
 rank's part states, RNG states). Another world size: DeepSpeed parts go through
 DeepSpeed's universal checkpoint conversion (weights and optimizer state exact);
 the trainer's counters are replicated and load as saved; the data stream
@@ -22,14 +29,17 @@ re-seeded from (seed, step, rank).
 
 Modules, one concern each: :mod:`.manifest` (names, manifest, verification),
 :mod:`.safe_load` (weights-only loading of DeepSpeed's pickles), :mod:`.rng`,
-:mod:`.parts` (what can be registered), :mod:`.transfer` (upload thread,
-download), :mod:`.resume` (which checkpoint), :mod:`.manager`.
+:mod:`.parts` (what can be registered), :mod:`.fence` (generations),
+:mod:`.transfer` (upload thread, retention, download), :mod:`.resume` (which
+checkpoint), :mod:`.manager`.
 """
 
+from vae_train.checkpoint.fence import FencedError
 from vae_train.checkpoint.manager import UNIVERSAL_DIR, CheckpointManager, ResumedState
 from vae_train.checkpoint.manifest import (
     FORMAT,
     FORMAT_V1,
+    FORMAT_V2,
     MANIFEST,
     MODEL_PART,
     MODEL_STATES,
@@ -55,7 +65,7 @@ from vae_train.checkpoint.manifest import (
 from vae_train.checkpoint.parts import DeepSpeedState, Resize, Stateful, StateFunctions, convert_to_universal
 from vae_train.checkpoint.resume import ResumeDecision
 from vae_train.checkpoint.safe_load import restricted_torch_load
-from vae_train.checkpoint.transfer import download_checkpoint
+from vae_train.checkpoint.transfer import download_checkpoint, verify_remote
 
 __all__ = [
     "FORMAT", "FORMAT_V1", "MANIFEST", "MODEL_PART", "MODEL_STATES", "UNIVERSAL_DIR",
@@ -64,4 +74,5 @@ __all__ = [
     "check_resumable", "convert_to_universal", "download_checkpoint", "list_local_committed", "list_remote",
     "owner_rank", "parse_step", "part_tensor_file", "read_manifest", "restricted_torch_load", "retention_victims",
     "sha256_file", "split_checkpoint_uri", "step_name", "trainer_state_files", "verified_manifest", "verify_local",
+    "verify_remote", "FORMAT_V2", "FencedError",
 ]

@@ -3,7 +3,7 @@
 Every rank makes the same calls in the same order (saving and loading are
 collectives)::
 
-    ckpt = CheckpointManager(cfg, rank, world_size, local_rank)   # checks S3 access now
+    ckpt = CheckpointManager(cfg, rank, world_size, local_rank)   # checks S3 access, claims a generation
     ckpt.register("model", DeepSpeedState(engine))                 # a DeepSpeed engine
     ckpt.register("data", stream, resize=Resize.RESTART)           # anything with state_dict()
     ckpt.register("trainer", counters, resize=Resize.REPLICATED)
@@ -12,7 +12,7 @@ collectives)::
     while step < max_steps:
         ...; step += 1
         ckpt.maybe_save(step)
-    ckpt.save(step, final=True)
+    ckpt.save(step, final=True)            # FencedError once a newer incarnation took over
     ckpt.wait_for_uploads()
     ckpt.close()
 
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vae_train import distributed
+from vae_train.checkpoint.fence import Fence, FencedError
 from vae_train.checkpoint.manifest import (
     MANIFEST,
     MODEL_PART,
@@ -59,7 +60,7 @@ from vae_train.checkpoint.resume import ResumeDecision, decide, ensure_local
 from vae_train.checkpoint.rng import capture_rng, reseed, restore_rng
 from vae_train.checkpoint.transfer import RetentionPolicy, Uploader, UploadJob
 from vae_train.errors import VaeTrainError
-from vae_train.storage import ObjectStore, StorageError, open_store, temp_sibling, write_atomic
+from vae_train.storage import LocalStore, ObjectStore, StorageError, open_store, temp_sibling, write_atomic
 
 if TYPE_CHECKING:
     from vae_train.config import Config
@@ -128,11 +129,14 @@ class CheckpointManager:
         self._last_save_step: int | None = None
         self._last_save_time = time.monotonic()
         self._skipped_job: UploadJob | None = None
+        self._ancestors: list[tuple[str, int]] = []
         if self.store is not None:
             self._check_access_everywhere()
+        self._fence, self.writer = self._claim_generation()
+        if self.store is not None:
             ck = cfg.checkpoint
-            self._uploader = Uploader(self.store, self.rank, RetentionPolicy(ck.keep_last, ck.keep_every),
-                                      ck.upload_deadline_s)
+            self._uploader = Uploader(self.store, self.rank, self.writer, RetentionPolicy(ck.keep_last, ck.keep_every),
+                                      ck.upload_deadline_s, self._fence)
 
     def _check_access_everywhere(self) -> None:
         assert self.store is not None
@@ -144,6 +148,34 @@ class CheckpointManager:
         errors = [e for e in distributed.all_gather_json(error) if e]
         if errors:
             raise StorageError(f"checkpoint.remote is not usable: {errors[0]}")
+
+    def _claim_generation(self) -> tuple[Fence | None, str]:
+        """Rank 0 claims this incarnation's generation (remote and local); every rank learns its writer name."""
+        fence, verdict = None, {}
+        if self.rank == 0:
+            locations = [(self.store.uri, self.store)] if self.store is not None else []
+            locations.append((str(self.root), LocalStore(self.root)))
+            try:
+                fence = Fence(locations)
+                verdict = {"writer": fence.mine.writer}
+                log.info("checkpoints: this incarnation is %s", fence.mine.describe())
+            except (VaeTrainError, OSError) as exc:
+                verdict = {"error": f"cannot claim a checkpoint generation: {exc}"}
+        verdict = distributed.broadcast_json(verdict)
+        if "error" in verdict:
+            raise CheckpointError(verdict["error"])
+        return fence, verdict["writer"]
+
+    def _check_fence(self) -> None:
+        """Collective: raise :class:`FencedError` on every rank once a newer incarnation claimed our location."""
+        message = None
+        if self._fence is not None:
+            newer = self._uploader.fenced if self._uploader is not None and self._uploader.fenced else None
+            newer = newer or self._fence.newer(skip_unreachable=True)
+            message = str(self._fence.error(*newer)) if newer else None
+        message = distributed.broadcast_json(message)
+        if message:
+            raise FencedError(message)
 
     # -- registration ----------------------------------------------------------------
     def register(self, name: str, part: DeepSpeedState | Stateful, *, resize: Resize = Resize.REFUSE) -> None:
@@ -206,6 +238,7 @@ class CheckpointManager:
                 self._enqueue(self._skipped_job, final=True)
             return ckpt_dir
         start = time.monotonic()
+        self._check_fence()  # before anything is written: a newer incarnation may own this run dir
         if self.local_rank == 0 and ckpt_dir.exists():
             if (ckpt_dir / MANIFEST).exists():
                 log.warning("overwriting existing checkpoint %s", ckpt_dir)
@@ -225,7 +258,7 @@ class CheckpointManager:
         files = {k: FileEntry(**v) for g in gathered for k, v in g["files"].items()}
         manifest = Manifest(step, self.world_size, self._zero_stage(), files,
                             datetime.now(timezone.utc).isoformat(timespec="seconds"), _library_version(),
-                            parts=parts)
+                            parts=parts, writer=self.writer, ancestors=list(self._ancestors))
         self._commit_local(ckpt_dir, manifest)
         self._last_save_step, self._last_save_time = step, time.monotonic()
         all_pending = [s for g in gathered for s in g["pending"]]
@@ -431,6 +464,9 @@ class CheckpointManager:
         else:
             reseed(self.cfg.seed, manifest.step, self.rank)
         self._last_save_step, self._last_save_time = manifest.step, time.monotonic()
+        self._ancestors = manifest.ancestors + ([(manifest.writer, manifest.step)] if manifest.writer else [])
+        if self._uploader is not None:
+            self._uploader.ancestors = list(self._ancestors)
         elastic = not same_world or bool(converted)
         if self.rank == 0:
             if elastic:

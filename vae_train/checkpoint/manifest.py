@@ -33,17 +33,22 @@ from vae_train.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-#: The layout written now: named parts listed in the manifest (``parts``).
-FORMAT = "vae-train-checkpoint/2"
+#: The layout written now: named parts (``parts``), and remote files under the writer's
+#: incarnation (``step-N/gNNNNNNNN-ID/...``, named by ``writer``) with the run's ``ancestors``.
+FORMAT = "vae-train-checkpoint/3"
+#: Named parts, remote files directly under ``step-N/`` (no writer): still resumed.
+FORMAT_V2 = "vae-train-checkpoint/2"
 #: The layout before named parts (one DeepSpeed engine + one opaque trainer-state dict):
 #: still verified and exported, not resumed (:func:`check_resumable`).
 FORMAT_V1 = "vae-train-checkpoint/1"
-READABLE_FORMATS = (FORMAT, FORMAT_V1)
+RESUMABLE_FORMATS = (FORMAT, FORMAT_V2)
+READABLE_FORMATS = (*RESUMABLE_FORMATS, FORMAT_V1)
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 #: The DeepSpeed part whose files sit at the top of the checkpoint.
 MODEL_PART = "model"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _OWNER_RES = (re.compile(r"zero_pp_rank_(\d+)_"), re.compile(r"\.rank(\d+)\."))
+_WRITER_RE = re.compile(r"^g\d{8,}-[0-9a-f]{12}$")
 
 
 class CheckpointError(VaeTrainError):
@@ -68,6 +73,11 @@ def split_checkpoint_uri(uri: str) -> tuple[str, int]:
     if step is None or not parent:
         raise CheckpointError(f"{uri!r} must end in a checkpoint name like step-00001000")
     return parent, step
+
+
+def remote_key(step: int, writer: str, rel: str) -> str:
+    """The object key of file ``rel`` of checkpoint ``step`` uploaded by ``writer`` ("" before format 3)."""
+    return f"{step_name(step)}/{writer}/{rel}" if writer else f"{step_name(step)}/{rel}"
 
 
 def trainer_state_files(rank: int) -> tuple[str, str]:
@@ -121,6 +131,16 @@ class Manifest:
     library_version: str = ""
     format: str = FORMAT
     parts: dict[str, PartEntry] = field(default_factory=dict)
+    #: The incarnation that wrote it (``g00000003-5f2c...``, :mod:`.fence`; "" before format 3): its
+    #: remote files are under that name.
+    writer: str = ""
+    #: The checkpoints this run resumed from, oldest first, as (writer, step): with ``writer`` it defines
+    #: the run's lineage, the only checkpoints its retention may delete.
+    ancestors: list[tuple[str, int]] = field(default_factory=list)
+
+    def remote_key(self, rel: str) -> str:
+        """Where file ``rel`` of this checkpoint lives in the remote store."""
+        return remote_key(self.step, self.writer, rel)
 
     def to_json(self) -> bytes:
         body = asdict(self)
@@ -144,21 +164,32 @@ class Manifest:
                 raise ValueError("lists no files")
             parts = {str(name): PartEntry(str(p["kind"]), int(p.get("zero_stage", 0)))
                      for name, p in raw.get("parts", {}).items()}
+            writer = str(raw.get("writer", ""))
+            if writer and not _WRITER_RE.match(writer):
+                raise ValueError(f"bad writer {writer!r}")
+            ancestors = [(str(w), int(s)) for w, s in raw.get("ancestors", [])]
             return cls(int(raw["step"]), int(raw["world_size"]), int(raw["zero_stage"]), files,
-                       str(raw.get("created", "")), str(raw.get("library_version", "")), fmt, parts)
+                       str(raw.get("created", "")), str(raw.get("library_version", "")), fmt, parts, writer, ancestors)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"invalid manifest {where}: {exc}") from None
 
     def same_content(self, other: Manifest) -> bool:
-        return (self.step, self.world_size, self.files) == (other.step, other.world_size, other.files)
+        return (self.step, self.world_size, self.files, self.writer) == (other.step, other.world_size, other.files,
+                                                                         other.writer)
+
+    def in_lineage_of(self, writer: str, ancestors: list[tuple[str, int]]) -> bool:
+        """True when this checkpoint belongs to the run of ``writer`` whose ``ancestors`` are given."""
+        if not self.writer:
+            return False  # written before writers were recorded: nobody's to delete
+        return self.writer == writer or any(self.writer == w and self.step <= s for w, s in ancestors)
 
 
 def check_resumable(manifest: Manifest, where: str) -> None:
     """Refuse a checkpoint whose layout this version can verify and export but not resume."""
-    if manifest.format != FORMAT:
+    if manifest.format not in RESUMABLE_FORMATS:
         raise CheckpointError(
             f"checkpoint {where} has format {manifest.format!r}, written by a vae-train before named checkpoint "
-            f"parts; this version resumes only {FORMAT!r}. Its weights still export (`vae-train export {where} "
+            f"parts; this version resumes {' and '.join(map(repr, RESUMABLE_FORMATS))}. Its weights still export (`vae-train export {where} "
             "--out DIR`); to train on, start fresh with resume=none or resume it with the vae-train that wrote it"
         )
 
@@ -197,12 +228,12 @@ def verified_manifest(ckpt_dir: str | Path) -> Manifest:
     return manifest
 
 
-def list_local_committed(ckpt_root: str | Path) -> list[tuple[int, Path, Manifest]]:
-    """Committed local checkpoints (valid manifest), oldest first."""
-    out = []
+def scan_local(ckpt_root: str | Path) -> tuple[list[tuple[int, Path, Manifest]], list[tuple[int, Path, str]]]:
+    """Local checkpoints with a valid manifest, and those whose manifest is invalid (step, path, why); oldest first."""
+    good, bad = [], []
     root = Path(ckpt_root)
     if not root.is_dir():
-        return out
+        return good, bad
     for child in root.iterdir():
         step = parse_step(child.name)
         if step is None or not child.is_dir():
@@ -210,11 +241,19 @@ def list_local_committed(ckpt_root: str | Path) -> list[tuple[int, Path, Manifes
         try:
             manifest = read_manifest(child)
         except CheckpointError as exc:
-            log.warning("ignoring %s: %s", child, exc)
+            bad.append((step, child, str(exc)))
             continue
         if manifest is not None:
-            out.append((step, child, manifest))
-    return sorted(out, key=lambda item: item[0])
+            good.append((step, child, manifest))
+    return sorted(good, key=lambda item: item[0]), sorted(bad, key=lambda item: item[0])
+
+
+def list_local_committed(ckpt_root: str | Path) -> list[tuple[int, Path, Manifest]]:
+    """Committed local checkpoints (valid manifest), oldest first; an invalid manifest is logged and skipped."""
+    good, bad = scan_local(ckpt_root)
+    for _, path, why in bad:
+        log.warning("ignoring %s: %s", path, why)
+    return good
 
 
 def list_remote(store: ObjectStore) -> tuple[dict[int, list[str]], set[int]]:

@@ -16,9 +16,9 @@ from vae_train.checkpoint.manifest import (
     MANIFEST,
     CheckpointError,
     check_resumable,
-    list_local_committed,
     list_remote,
     read_manifest,
+    scan_local,
     split_checkpoint_uri,
     step_name,
     verified_manifest,
@@ -47,7 +47,9 @@ def decide(mode: str, root: Path, store: ObjectStore | None, s3_cfg: S3Config | 
 
     ``auto``: the newest committed checkpoint of the remote that downloads and
     verifies, else the newest verified one in ``root``; a failing one is logged
-    and the previous one taken. An explicit path or URI must verify.
+    and the previous one taken (with the steps lost). When there are committed
+    checkpoints but none verifies, ``auto`` raises instead of starting fresh.
+    An explicit path or URI must verify.
     """
     mode = mode.strip()
     if mode.lower() in ("none", ""):
@@ -70,29 +72,49 @@ def decide(mode: str, root: Path, store: ObjectStore | None, s3_cfg: S3Config | 
 
 
 def _decide_auto(root: Path, store: ObjectStore | None, s3_cfg: S3Config | None) -> ResumeDecision | None:
+    refused: list[tuple[int, str]] = []  # (step, "where: why") of committed checkpoints that cannot be used
+    decision = None
     if store is not None:
         _, committed = list_remote(store)
         for step in sorted(committed, reverse=True):
-            decision = ResumeDecision(step, str(root / step_name(step)), store.uri)
+            candidate = ResumeDecision(step, str(root / step_name(step)), store.uri)
             try:
-                ensure_local(decision, store, s3_cfg)
+                ensure_local(candidate, store, s3_cfg)
             except CheckpointError as exc:
-                log.warning("refusing remote checkpoint %s: %s; falling back to the previous committed one",
-                            step_name(step), exc)
+                log.warning("refusing remote checkpoint %s: %s", step_name(step), exc)
+                refused.append((step, f"{store.uri}/{step_name(step)}: {exc}"))
                 continue
             log.info("resume=auto: newest committed remote checkpoint is %s/%s", store.uri, step_name(step))
-            _check_resumable(decision)
-            return decision
-    for step, path, manifest in reversed(list_local_committed(root)):
-        problems = verify_local(path, manifest)
-        if not problems:
-            log.info("resume=auto: newest committed local checkpoint is %s", path)
-            check_resumable(manifest, str(path))
-            return ResumeDecision(step, str(path))
-        log.warning("refusing local checkpoint %s (%s); falling back to the previous committed one",
-                    path, "; ".join(problems[:3]))
-    log.info("resume=auto: no committed checkpoint found; starting fresh")
-    return None
+            decision = candidate
+            break
+    if decision is None:
+        good, bad = scan_local(root)
+        refused += [(step, f"{path}: {why}") for step, path, why in bad]
+        for step, path, manifest in reversed(good):
+            problems = verify_local(path, manifest)
+            if not problems:
+                log.info("resume=auto: newest committed local checkpoint is %s", path)
+                decision = ResumeDecision(step, str(path))
+                break
+            log.warning("refusing local checkpoint %s: %s", path, "; ".join(problems[:3]))
+            refused.append((step, f"{path}: fails its manifest: {'; '.join(problems[:3])}"))
+    if decision is None:
+        if refused:
+            raise CheckpointError(
+                "resume=auto found committed checkpoints but none that verifies, so it does not start from step 0 "
+                "on its own:\n  " + "\n  ".join(why for _, why in sorted(refused, reverse=True)[:10])
+                + "\nTo start fresh on purpose, set resume=none (the old checkpoints stay; a run dir or prefix of "
+                "its own is cleaner); to resume one of them, repair it and pass it as resume=PATH "
+                "(a step-NNNNNNNN directory) or resume=s3://.../step-NNNNNNNN")
+        log.info("resume=auto: no committed checkpoint found; starting fresh")
+        return None
+    newer = sorted(step for step, _ in refused if step > decision.step)
+    if newer:
+        log.warning("resume=auto: falling back to %s: the newer %s cannot be used (see above), so the %d step(s) "
+                    "after step %d are lost and trained again", step_name(decision.step),
+                    ", ".join(step_name(s) for s in newer), newer[-1] - decision.step, decision.step)
+    _check_resumable(decision)
+    return decision
 
 
 def _check_resumable(decision: ResumeDecision) -> None:

@@ -1,12 +1,21 @@
 """Moving checkpoints to and from the remote store: the background uploader and the verified download.
 
 Upload: one thread per rank mirrors the files that rank wrote to
-``{remote}/step-NNNNNNNN/`` in save order (multipart through boto3's transfer
-manager, retried with full-jitter backoff while training continues). Rank 0
-then waits until every other rank's files are remote with the right size and
-SHA-256, and only then commits the manifest with a conditional write
-(``If-None-Match``), so a remote checkpoint exists only once it is whole.
-After a commit, rank 0 applies the retention policy remotely.
+``{remote}/step-NNNNNNNN/{writer}/`` in save order, where ``writer`` is this
+incarnation's generation (:mod:`.fence`): no two incarnations ever write the
+same object, so an upload can never replace a file another writer's manifest
+lists. Files go through boto3's transfer manager (multipart), retried with
+full-jitter backoff while training continues. Rank 0 then waits until every
+other rank's files are remote with the right size and SHA-256, checks that no
+newer incarnation has claimed the prefix, and commits the manifest with a
+conditional write (``If-None-Match``), so a remote checkpoint exists only once
+it is whole, and a step already committed by another writer stays as it was.
+
+Retention (rank 0, after each commit) deletes only checkpoints of this run's
+own lineage (written by this incarnation, or by the incarnations it resumed
+from, up to the step it resumed from), never one of the newest
+``keep_last`` of them that verify remotely, and never anything of another
+lineage. It also removes uploads of this lineage that never committed.
 
 Download: :func:`download_checkpoint` fetches a committed remote checkpoint in
 parallel into a staging directory, checks every file against the manifest and
@@ -27,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from vae_train.checkpoint.fence import Fence, Incarnation
 from vae_train.checkpoint.manifest import (
     MANIFEST,
     CheckpointError,
@@ -34,7 +44,7 @@ from vae_train.checkpoint.manifest import (
     Manifest,
     list_remote,
     read_manifest,
-    retention_victims,
+    remote_key,
     sha256_file,
     step_name,
     verify_local,
@@ -67,13 +77,24 @@ class RetentionPolicy:
 
 
 class Uploader:
-    """One thread per rank that mirrors checkpoint files to the remote store, in save order."""
+    """One thread per rank that mirrors checkpoint files to the remote store, in save order.
 
-    def __init__(self, store: ObjectStore, rank: int, retention: RetentionPolicy, peer_timeout_s: float) -> None:
+    ``writer`` names this incarnation's objects; ``fence`` (rank 0) is asked
+    before each upload and each commit whether a newer incarnation took over:
+    then nothing more is uploaded or committed and :attr:`fenced` says by whom.
+    ``ancestors`` (set after a resume) defines the lineage retention may delete.
+    """
+
+    def __init__(self, store: ObjectStore, rank: int, writer: str, retention: RetentionPolicy,
+                 peer_timeout_s: float, fence: Fence | None = None) -> None:
         self.store = store
         self.rank = rank
+        self.writer = writer
         self.retention = retention
         self.peer_timeout_s = peer_timeout_s
+        self.fence = fence
+        self.ancestors: list[tuple[str, int]] = []
+        self.fenced: tuple[str, Incarnation] | None = None
         self._jobs: deque[UploadJob] = deque()
         self._active: UploadJob | None = None
         self._cond = threading.Condition()
@@ -117,6 +138,8 @@ class Uploader:
                 self._active = self._jobs.popleft()
             job = self._active
             try:
+                if not self._still_owner():
+                    continue
                 self._process(job)
             except Exception as exc:  # noqa: BLE001 - a failed upload must never kill training
                 log.error("rank %d: upload of checkpoint %s to %s failed: %s; it stays local only; the previous "
@@ -127,17 +150,31 @@ class Uploader:
                     self._active = None
                     self._cond.notify_all()
 
+    def _still_owner(self) -> bool:
+        """Rank 0: False (and uploads dropped) once a newer incarnation has claimed the prefix."""
+        if self.fenced is None and self.fence is not None:
+            self.fenced = retry(self.fence.newer, what=f"generation check in {self.store.uri}", attempts=0,
+                                cap_s=RETRY_CAP_S, should_stop=self._stop.is_set)
+            if self.fenced is not None:
+                log.error("%s: nothing more is uploaded or committed by this incarnation",
+                          self.fence.error(*self.fenced))
+        if self.fenced is None:
+            return True
+        with self._cond:
+            self._jobs.clear()
+        return False
+
     def _process(self, job: UploadJob) -> None:
         name = step_name(job.step)
         start = time.monotonic()
         nbytes = 0
         for rel, entry in sorted(job.files.items()):
-            self._upload_one(job.local_dir / rel, f"{name}/{rel}", entry)
+            self._upload_one(job.local_dir / rel, remote_key(job.step, self.writer, rel), entry)
             nbytes += entry.size
         if job.manifest is None:
             return
         self._wait_for_peers(job)
-        if self._stop.is_set():
+        if self._stop.is_set() or not self._still_owner():
             return
         manifest = job.manifest
         committed = retry(lambda: self.store.put_bytes(manifest.to_json(), f"{name}/{MANIFEST}", if_none_match=True),
@@ -145,8 +182,10 @@ class Uploader:
         if not committed:
             existing = Manifest.from_json(self.store.get_bytes(f"{name}/{MANIFEST}"), f"{self.store.uri}/{name}")
             if not existing.same_content(manifest):
-                log.warning("%s/%s was already committed with different content (another run writes to this "
-                            "prefix?); it was not overwritten", self.store.uri, name)
+                log.warning("%s/%s was already committed by writer %s (another incarnation of this run, or another "
+                            "run on this prefix); it stays as it was, and this incarnation's %s stays local only",
+                            self.store.uri, name, existing.writer or "?", name)
+                return
         with contextlib.suppress(Exception):
             self.store.put_bytes(name.encode(), "latest")  # a hint for humans; resolution never reads it
         log.info("checkpoint %s committed to %s (%.1f MB from rank 0 in %.1fs; %.1fs after the save)",
@@ -179,12 +218,12 @@ class Uploader:
     def _wait_for_peers(self, job: UploadJob) -> None:
         """Rank 0 commits only when every other rank's files are remote and verified."""
         assert job.manifest is not None
-        name = step_name(job.step)
         others = {rel: e for rel, e in job.manifest.files.items() if rel not in job.files}
         deadline = time.monotonic() + self.peer_timeout_s
         attempt = 0
         while others and not self._stop.is_set():
-            others = {rel: e for rel, e in others.items() if not self._safe_matches(f"{name}/{rel}", e)}
+            others = {rel: e for rel, e in others.items()
+                      if not self._safe_matches(remote_key(job.step, self.writer, rel), e)}
             if not others:
                 return
             if time.monotonic() > deadline:
@@ -200,23 +239,62 @@ class Uploader:
             return False
 
     def _apply_retention(self) -> None:
-        """Delete remote checkpoints beyond the policy; the manifest goes first (uncommit, then erase)."""
+        """Delete this lineage's checkpoints beyond the policy (manifest first: uncommit, then erase)."""
         try:
             by_step, committed = list_remote(self.store)
-            newest = max(committed)
-            victims = set(retention_victims(sorted(committed), self.retention.keep_last, self.retention.keep_every))
-            # Leftovers of uploads that never committed and are older than a committed one.
-            victims |= {s for s in by_step if s not in committed and s < newest}
-            for step in sorted(victims):
-                keys = by_step[step]
-                manifest_key = f"{step_name(step)}/{MANIFEST}"
-                if manifest_key in keys:
-                    self.store.delete([manifest_key])
-                self.store.delete([k for k in keys if k != manifest_key])
+            manifests = {}
+            for step in committed:
+                with contextlib.suppress(Exception):  # unreadable or invalid: not ours to judge, kept
+                    manifests[step] = Manifest.from_json(self.store.get_bytes(f"{step_name(step)}/{MANIFEST}"),
+                                                         f"{self.store.uri}/{step_name(step)}")
+            ours = sorted(s for s, m in manifests.items() if m.in_lineage_of(self.writer, self.ancestors))
+            keepers: list[int] = []
+            for step in reversed(ours):  # the newest keep_last that verify remotely are never deleted
+                if len(keepers) >= max(1, self.retention.keep_last):
+                    break
+                if not verify_remote(self.store, manifests[step]):
+                    keepers.append(step)
+            if not keepers:
+                return
+            every = self.retention.keep_every
+            victims = [s for s in ours if s < min(keepers) and not (every and s % every == 0)]
+            for step in victims:
+                manifest = manifests[step]
+                self.store.delete([f"{step_name(step)}/{MANIFEST}"])
+                self.store.delete([manifest.remote_key(rel) for rel in manifest.files])
+            leftovers = self._uncommitted_leftovers(by_step, manifests, newest=max(keepers))
+            self.store.delete(leftovers)
             if victims:
-                log.info("remote retention removed %s", ", ".join(step_name(s) for s in sorted(victims)))
+                log.info("remote retention removed %s", ", ".join(step_name(s) for s in victims))
         except Exception as exc:  # noqa: BLE001 - retention is best effort; it retries next commit
             log.warning("remote retention in %s failed: %s", self.store.uri, exc)
+
+    def _uncommitted_leftovers(self, by_step: dict[int, list[str]], manifests: dict[int, Manifest],
+                               newest: int) -> list[str]:
+        """Objects this lineage's writers uploaded for steps older than ``newest`` that no manifest lists."""
+        writers = {self.writer} | {w for w, _ in self.ancestors}
+        out = []
+        for step, keys in by_step.items():
+            if step >= newest:
+                continue
+            listed = manifests.get(step)
+            for key in keys:
+                writer = key.split("/")[1] if key.count("/") >= 2 else ""
+                if writer in writers and (listed is None or listed.writer != writer):
+                    out.append(key)
+        return out
+
+
+def verify_remote(store: ObjectStore, manifest: Manifest) -> list[str]:
+    """Problems of a committed remote checkpoint by its stored sizes and SHA-256 metadata (no download)."""
+    problems = []
+    for rel, entry in sorted(manifest.files.items()):
+        info = store.head(manifest.remote_key(rel))
+        if info is None:
+            problems.append(f"{rel}: missing")
+        elif info.size != entry.size or (info.metadata and info.metadata.get("sha256") != entry.sha256):
+            problems.append(f"{rel}: size/SHA-256 differ from the manifest")
+    return problems
 
 
 def download_checkpoint(store: ObjectStore, step: int, dest: str | Path, workers: int = 8) -> Path:
@@ -243,7 +321,8 @@ def download_checkpoint(store: ObjectStore, step: int, dest: str | Path, workers
         def fetch(item: tuple[str, FileEntry]) -> str | None:
             rel, entry = item
             target = staging / rel
-            retry(lambda: store.get_file(f"{name}/{rel}", target), what=f"download of {where}/{rel}", attempts=5)
+            retry(lambda: store.get_file(manifest.remote_key(rel), target), what=f"download of {where}/{rel}",
+                  attempts=5)
             if target.stat().st_size != entry.size or sha256_file(target) != entry.sha256:
                 return f"{rel}: SHA-256/size mismatch against the manifest"
             return None
