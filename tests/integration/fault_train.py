@@ -10,7 +10,7 @@ The library knows nothing of this: every fault wraps a public seam --
 ``kill_in_save``   N: after DeepSpeed wrote checkpoint N's files on every rank, before any
                    manifest: SIGKILL the launcher, then the rank itself
 ``kill_mid_upload`` N: after rank 0 uploaded its first file of checkpoint N: SIGKILL the launcher
-                   and rank 0 (rank 1, orphaned, dies on its next collective)
+                   and rank 0 (rank 1, orphaned, stops on its own or is reaped by the test)
 ``hold_upload``    {"rank": R, "step": N, "fail": K}: rank R's uploads of checkpoint N wait until
                    ``out/upload_release`` exists (``out/upload_held`` marks the wait), then its next
                    K uploads raise (the library's retry must carry them)
