@@ -116,9 +116,20 @@ class DataConfig(Section):
     random_flip: bool = Field(False, description="Random horizontal flips of training images.")
     random_crop: bool = Field(False, description="Random crops of training images to model.image_size (else centre).")
     resize: bool = Field(False, description="Resize images whose size differs from model.image_size instead of refusing.")
+    classes: list[int] = Field(
+        default_factory=list,
+        description="Keep only samples with these labels in the train and validation streams (e.g. [6] for a "
+        "one-class anomaly model); others are skipped and counted as filtered. Empty = every sample.",
+    )
     val_batch_size: int = Field(256, ge=1, description="Per-rank batch size of the validation stream.")
     strict: bool = Field(False, description="Fail on a damaged sample or shard instead of skipping and counting it.")
     timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for a batch before declaring the loader stuck.")
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> "DataConfig":
+        if any(label < 0 for label in self.classes) or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"data.classes must be distinct labels >= 0, got {self.classes}")
+        return self
 
 
 class TrainConfig(Section):
