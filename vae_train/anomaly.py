@@ -15,9 +15,11 @@ normal data, of a :class:`NormalFit` made from the model's terms on normal
                 scores (after binarization, for a Bernoulli model), at 8 bits per pixel.
 ``latent``      Mahalanobis distance (squared) of the posterior mean ``mu(x)`` from a
                 Gaussian fitted to the normal images' posterior means (shrunk covariance).
-``combined``    the sum of the z-normalised ``recon`` and ``latent`` scores, each scaled by
-                its mean and standard deviation over the normal images: an image far from
-                the normal data in pixel space *or* in latent space is flagged.
+``combined``    ``z(latent) + z(recon - png)``: the latent distance plus the complexity-corrected
+                reconstruction error of the posterior mean (deterministic, unlike the sampled
+                ELBO), each z-normalised by its mean and standard deviation over the normal
+                images: an image far from the normal data in latent space *or* explained
+                worse than its compressed size predicts is flagged.
 
 Why the last two: likelihood scores rank images with few "on" pixels (sandals,
 trousers) as normal under any model (Nalisnick et al. 2019); the complexity
@@ -43,7 +45,7 @@ SCORES: dict[str, str] = {
     "recon": "reconstruction error of the posterior mean, -log p(x | mu(x)) (nats)",
     "complexity": "NLL (iw if computed, else nelbo) minus the PNG size of the scored image (nats)",
     "latent": "squared Mahalanobis distance of mu(x) from the normal images' posterior means",
-    "combined": "z-normalised recon + z-normalised latent (scaled on the normal images)",
+    "combined": "z(latent) + z(recon - png), z-normalised on the normal images",
 }
 DEFAULT_SCORE = "combined"
 NEEDS_FIT = ("latent", "combined")
@@ -106,9 +108,11 @@ def image_terms(
 
 
 def base_scores(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The scores that need no normal data: ``nelbo``, ``recon``, ``complexity`` and ``iw`` when computed."""
+    """The scores that need no normal data: ``nelbo``, ``recon``, ``complexity`` and ``iw`` when
+    computed; plus ``recon_png`` (``recon - png``), the part :class:`NormalFit` combines."""
     nll = terms.get("iw", terms["nelbo"])
-    scores = {"nelbo": terms["nelbo"], "recon": terms["recon"], "complexity": nll - terms["png"]}
+    scores = {"nelbo": terms["nelbo"], "recon": terms["recon"], "complexity": nll - terms["png"],
+              "recon_png": terms["recon"] - terms["png"]}
     if "iw" in terms:
         scores["iw"] = terms["iw"]
     return scores
@@ -165,10 +169,10 @@ class NormalFit:
     stats: dict[str, tuple[float, float]]
 
     def scores(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every score of :data:`SCORES` that the terms allow (``iw`` only when computed)."""
+        """Every score of :data:`SCORES` that the terms allow (``iw`` only when computed), plus ``recon_png``."""
         scores = base_scores(terms)
         scores["latent"] = self.gaussian.distance(terms["mu"])
-        scores["combined"] = self.z(scores, "recon") + self.z(scores, "latent")
+        scores["combined"] = self.z(scores, "latent") + self.z(scores, "recon_png")
         return scores
 
     def z(self, scores: dict[str, torch.Tensor], name: str) -> torch.Tensor:

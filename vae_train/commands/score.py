@@ -235,25 +235,20 @@ def fit_normal(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", normal
         raise DataError(f"--fit-data {args.fit_data!r}: {exc}") from None
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 + rank)
-    terms = [anomaly.image_terms(model, b["image"].to(device), iw_samples=args.iw_samples or 0,
-                                 iw_batch_size=args.iw_batch_size, generator=generator)
-             for b in _real_images(stream)]
+    # no importance samples here: the fit needs only the posterior means and the deterministic terms
+    terms = [anomaly.image_terms(model, b["image"].to(device), generator=generator) for b in _real_images(stream)]
     dims = math.prod(model.latent_shape)
     mu = torch.cat([t["mu"] for t in terms]) if terms else torch.zeros(0, dims, dtype=torch.float64)
     count = _all_reduce(torch.tensor([float(len(mu))], dtype=torch.float64))
     total = _all_reduce(mu.sum(0))
     outer = _all_reduce(anomaly.latent_moments(mu))
     gaussian = anomaly.LatentGaussian.from_sums(float(count), total, outer)
-    local: dict[str, torch.Tensor] = {}
+    names = ("nelbo", "recon", "complexity", "recon_png", "latent")
+    moments = torch.zeros(len(names), 3, dtype=torch.float64)  # count, sum, sum of squares per score
     for t in terms:
-        for key, value in {**anomaly.base_scores(t), "latent": gaussian.distance(t["mu"])}.items():
-            local[key] = torch.cat([local[key], value]) if key in local else value
-    names = sorted(anomaly.base_scores({"nelbo": torch.zeros(1), "recon": torch.zeros(1), "png": torch.zeros(1),
-                                        **({"iw": torch.zeros(1)} if args.iw_samples else {})})) + ["latent"]
-    moments = torch.tensor([[float(local[n].numel()) if n in local else 0.0,
-                             float(local[n].sum()) if n in local else 0.0,
-                             float(local[n].square().sum()) if n in local else 0.0] for n in names],
-                           dtype=torch.float64)
+        scores = {**anomaly.base_scores(t), "latent": gaussian.distance(t["mu"])}
+        for i, n in enumerate(names):
+            moments[i] += torch.tensor([scores[n].numel(), scores[n].sum(), scores[n].square().sum()])
     moments = _all_reduce(moments)
     stats = anomaly.stats_from_moments({n: tuple(moments[i].tolist()) for i, n in enumerate(names)})
     return anomaly.NormalFit(gaussian, stats)
@@ -283,7 +278,7 @@ def score_rows(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", fit: "
             columns.setdefault(name, []).append(value)
     if not columns:  # this rank's share was empty: the columns still have to match the others'
         empty = torch.zeros(0, dtype=torch.float64)
-        names = ["nelbo", "recon", "complexity"] + (["iw"] if args.iw_samples else [])
+        names = ["nelbo", "recon", "complexity", "recon_png"] + (["iw"] if args.iw_samples else [])
         columns = {n: [empty] for n in names + (["latent", "combined"] if fit is not None else [])}
         labels = [torch.zeros(0, dtype=torch.int64)]
     return keys, torch.cat(labels), {name: torch.cat(values) for name, values in columns.items()}
