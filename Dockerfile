@@ -10,7 +10,7 @@
 # with DeepSpeed ZeRO-2 (`accelerate launch train.py`); pass your own command to
 # change it (README: "Docker and Apptainer").
 #
-# The base image's torch must equal pyproject's `torch==` pin (tests/test_docker.py
+# The base image's torch must equal pyproject's `torch==` pin (tests/unit/test_docker.py
 # checks it): pip then keeps the CUDA build instead of replacing it with another.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
 FROM ${BASE_IMAGE}

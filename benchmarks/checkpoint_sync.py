@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _init_single_rank() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from vae_train.distributed import free_port
+
+    port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                       DS_ACCELERATOR="cpu")
     import deepspeed
@@ -91,6 +90,7 @@ def main() -> int:
 
     from tests.fixtures.s3 import S3Server
     from vae_train import checkpoint as ck
+    from vae_train.checkpoint.transfer import RetentionPolicy, Uploader, UploadJob
     from vae_train.config import config_from_dict
     from vae_train.storage import S3Store
 
@@ -110,7 +110,8 @@ def main() -> int:
             "distributed": {"zero_stage": 2},
         })
         engine, params = _engine(cfg)
-        manager = ck.CheckpointManager(cfg, engine, rank=0, world_size=1, local_rank=0)
+        manager = ck.CheckpointManager(cfg, rank=0, world_size=1, local_rank=0)
+        manager.register("model", ck.DeepSpeedState(engine))
         for _ in range(3):
             _step(engine)  # warm-up
 
@@ -119,7 +120,7 @@ def main() -> int:
         for _ in range(args.repeats):
             baseline += [_step(engine) for _ in range(args.steps)]
             t0 = time.perf_counter()
-            manager.save(step_no, {"bench": True})
+            manager.save(step_no)
             save_times.append(time.perf_counter() - t0)
             t1 = time.perf_counter()
             while manager._uploader.pending():
@@ -138,9 +139,10 @@ def main() -> int:
                                                                   config=client.meta.config))
         ours, plain = [], []
         for i in range(args.repeats):
-            uploader = ck._Uploader(store, 0, cfg)
+            uploader = Uploader(store, 0, RetentionPolicy(cfg.checkpoint.keep_last, cfg.checkpoint.keep_every),
+                                cfg.checkpoint.upload_deadline_s)
             t0 = time.perf_counter()
-            uploader.submit(ck._UploadJob(i, ckpt_dir, manifest.files, ck.Manifest(
+            uploader.submit(UploadJob(i, ckpt_dir, manifest.files, ck.Manifest(
                 i, 1, 2, manifest.files, "", ""), time.monotonic()))
             uploader.wait_idle(600)
             ours.append(time.perf_counter() - t0)

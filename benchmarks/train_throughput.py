@@ -61,7 +61,8 @@ def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
 
 def worker(data: str, steps: int, out: str) -> None:
     from vae_train.config import load_config
-    from vae_train.engine import init_process_group, resolve
+    from vae_train.distributed import init_process_group
+    from vae_train.engine import resolve
     from vae_train.trainer import train
 
     run_dir = Path(out).parent / "run"  # shared by the ranks (rank 0 writes the metrics)

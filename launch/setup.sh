@@ -29,9 +29,18 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
 fi
+# pip install with one noisy warning filtered from its output, failing loudly with pip's
+# own status (pipefail). grep -v exits 1 when it prints nothing -- a quiet, successful
+# install -- hence its `|| true`, which covers grep only, never pip.
+pip_install() {
+    if ! .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; then
+        echo "setup: 'pip install $*' failed (its output is above); fix that and run launch/setup.sh again" >&2
+        exit 1
+    fi
+}
 echo "setup: installing vae-train and its pinned dependencies into .venv (first time: ~2 minutes)"
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+pip_install --upgrade pip
+pip_install -e '.[test]'
 .venv/bin/python -c "import vae_train, torch, deepspeed" >/dev/null 2>&1 \
     || { echo "setup: the install failed; run: .venv/bin/pip install -e '.[test]'" >&2; exit 1; }
 

@@ -3,9 +3,10 @@
 One code path serves ``accelerate launch``, ``torchrun``, ``deepspeed``, ``srun``
 (one task per GPU) and plain ``python``: the launcher only decides *how many*
 processes run and writes the standard environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); this module reads it, starts
-the process group itself, generates the DeepSpeed JSON from the config and calls
-``deepspeed.initialize`` with a ``torch.optim`` optimizer.
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); :mod:`vae_train.distributed`
+reads it and starts the process group, and this module generates the DeepSpeed
+JSON from the config and calls ``deepspeed.initialize`` with a ``torch.optim``
+optimizer.
 
 Why not Accelerate's ``Accelerator``/DeepSpeed plugin objects: on CPU they fail
 as shipped (accelerate 1.15 looks up the ``transformers`` version, and leaves the
@@ -33,11 +34,8 @@ import json
 import logging
 import math
 import os
-import re
-import socket
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,130 +43,15 @@ import torch
 import torch.distributed as dist
 
 from vae_train.config import Config, DistributedConfig, OptimizerConfig
+from vae_train.distributed import LaunchEnv, detect_launch_env, init_process_group
 from vae_train.errors import VaeTrainError
 from vae_train.schedules import build_lr_schedule
 
 log = logging.getLogger(__name__)
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 class EngineError(VaeTrainError):
     """The distributed set-up cannot work as configured (raised before any rank waits for a peer)."""
-
-
-# --------------------------------------------------------------------------- launcher
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """Where this process sits in the job, as the launcher described it."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    master_addr: str
-    master_port: int
-    launcher: str  # accelerate | deepspeed | torchrun | slurm | python
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _int_env(environ: dict[str, str], name: str) -> int:
-    raw = environ[name]
-    try:
-        return int(raw)
-    except ValueError:
-        raise EngineError(f"environment variable {name}={raw!r} is not an integer; fix or unset it") from None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as ``gpu[01-04,07],cpu1`` (no ``scontrol`` needed)."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if match is None:
-        raise EngineError(f"cannot read the SLURM node list {nodelist!r}; export MASTER_ADDR")
-    prefix, ranges = match.group(1), match.group(2)
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
-
-
-def detect_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
-    """Read the launcher's environment; a half-set one is an error, not a hang.
-
-    torchrun, ``accelerate launch`` and ``deepspeed`` all export ``RANK``,
-    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. ``srun``
-    with one task per GPU exports only ``SLURM_*`` (mapped here). Nothing set
-    means one process on its own.
-    """
-    environ = dict(os.environ if environ is None else environ)
-    present = [name for name in LAUNCH_VARS if name in environ]
-    if present:
-        needed = ["RANK", "WORLD_SIZE"]
-        missing = [name for name in needed if name not in environ]
-        if missing:
-            raise EngineError(
-                f"the launcher environment is half set: {', '.join(present)} present but "
-                f"{', '.join(missing)} missing. Start the job with torchrun / accelerate launch / "
-                "deepspeed (which set all of them), or unset RANK/WORLD_SIZE/LOCAL_RANK to run one process"
-            )
-        rank, world = _int_env(environ, "RANK"), _int_env(environ, "WORLD_SIZE")
-        if world < 1 or not 0 <= rank < world:
-            raise EngineError(f"RANK={rank} is not inside WORLD_SIZE={world}; check the launcher's environment")
-        if world > 1:
-            missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in environ]
-            if missing:
-                raise EngineError(
-                    f"WORLD_SIZE={world} but {', '.join(missing)} is not set, so the ranks cannot find "
-                    "each other; use a launcher (torchrun, accelerate launch) or export both"
-                )
-            if environ["MASTER_PORT"].strip() == "0":
-                raise EngineError(
-                    "MASTER_PORT=0: the ranks cannot meet on port 0 (torchrun --master_port 0 passes it through "
-                    "unchanged); use `torchrun --standalone` on one machine or give a real port"
-                )
-        local_rank = _int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
-        local_world = _int_env(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world
-        if environ.get("ACCELERATE_USE_DEEPSPEED") or environ.get("ACCELERATE_MIXED_PRECISION"):
-            launcher = "accelerate"
-        elif "TORCHELASTIC_RUN_ID" in environ:
-            launcher = "torchrun"
-        elif "CROSS_RANK" in environ or "DS_ACCELERATOR_LAUNCH" in environ or "PDSH_RCMD_TYPE" in environ:
-            launcher = "deepspeed"
-        else:
-            launcher = "env"
-        return LaunchEnv(
-            rank=rank,
-            world_size=world,
-            local_rank=local_rank,
-            local_world_size=local_world,
-            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port(),
-            launcher=launcher,
-        )
-    if "SLURM_STEP_NUM_TASKS" in environ and int(environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        # srun started one task per GPU: the SLURM step is the launcher.
-        world = _int_env(environ, "SLURM_STEP_NUM_TASKS")
-        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        job_id = int(environ.get("SLURM_JOB_ID", "0") or 0)
-        tasks_per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", str(world)).split("(")[0].split(",")[0]
-        return LaunchEnv(
-            rank=_int_env(environ, "SLURM_PROCID"),
-            world_size=world,
-            local_rank=_int_env(environ, "SLURM_LOCALID"),
-            local_world_size=int(tasks_per_node) if tasks_per_node.isdigit() else 1,
-            master_addr=_first_slurm_host(nodelist),
-            master_port=int(environ.get("MASTER_PORT", 20000 + job_id % 20000)),
-            launcher="slurm",
-        )
-    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "python")
 
 
 # ------------------------------------------------------------------ accelerate launch
@@ -465,30 +348,6 @@ def _import_deepspeed(device: torch.device) -> Any:
     return deepspeed
 
 
-def init_process_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: int) -> None:
-    """Start the process group (also for one process: DeepSpeed needs one). Idempotent."""
-    deepspeed = _import_deepspeed(device)
-    if dist.is_initialized():
-        return
-    os.environ.update(
-        RANK=str(env.rank),
-        WORLD_SIZE=str(env.world_size),
-        LOCAL_RANK=str(env.local_rank),
-        MASTER_ADDR=env.master_addr,
-        MASTER_PORT=str(env.master_port),
-    )
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        timeout=timedelta(seconds=timeout_s),
-        verbose=False,
-        rank=env.rank,
-        world_size=env.world_size,
-    )
-
-
 # ------------------------------------------------------------------ optimizer and skip gate
 
 
@@ -661,13 +520,6 @@ class Engine:
             return StepDecision(False, float(norm) if norm is not None else float("nan"), reason)
         return self.gate.decision
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum a few numbers over ranks (validation totals); one collective."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(tensor)
-        return tensor.tolist()
-
     def info(self) -> dict[str, Any]:
         """Facts about the running job, written to ``run_info.json`` and logged."""
         import deepspeed
@@ -733,8 +585,8 @@ def setup_engine(cfg: Config, model: torch.nn.Module, environ: dict[str, str] | 
         user = load_user_deepspeed_config(cfg.distributed.deepspeed_config)
         ds_config = merge_deepspeed_config(ds_config, user, f"distributed.deepspeed_config={cfg.distributed.deepspeed_config!r}")
     set_cpu_threads(env, device)
-    init_process_group(env, job.backend, device, cfg.distributed.timeout_s)
     deepspeed = _import_deepspeed(device)
+    init_process_group(env, job.backend, device, cfg.distributed.timeout_s)  # DeepSpeed wraps this group
     model = model.to(device)
     model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vae_train import distributed
 from vae_train.errors import VaeTrainError
 from vae_train.model import ConvVAE, bits_per_dim
 from vae_train.ops.reference import soft_clamp_logvar
@@ -49,11 +50,6 @@ class EvalError(VaeTrainError):
 
 
 # -- numerics -----------------------------------------------------------------------
-
-
-def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """``log(mean(exp(values)))`` along ``dim`` without overflow (-inf entries are fine)."""
-    return torch.logsumexp(values, dim=dim) - math.log(values.shape[dim])
 
 
 @torch.no_grad()
@@ -236,18 +232,6 @@ def _skipped_by_stream(batches: Any) -> dict[str, int]:
     return {str(k): int(v) for k, v in stats().get("skipped", {}).items()}
 
 
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a float64 tensor over ranks when a process group is up (once per evaluation)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    reduced = values.to(device)
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced.cpu()
-
-
 def evaluate_stream(
     model: Any,
     batches: Iterable[Mapping[str, Any]],
@@ -278,7 +262,7 @@ def evaluate_stream(
     if iw_samples < 0:
         raise EvalError(f"iw_samples must be >= 0 (0 = no importance sampling), got {iw_samples}")
     device = next(vae.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed + _rank())
+    generator = torch.Generator(device=device).manual_seed(seed + distributed.rank())
     latent_numel = math.prod(vae.latent_shape)
     # sums layout: [finite count, nonfinite count, skipped samples, one sum per _SUMMED key, mu sums, mu^2 sums]
     sums = torch.zeros(_OFFSET + 2 * latent_numel, dtype=torch.float64)
@@ -311,7 +295,7 @@ def evaluate_stream(
         vae.train(was_training)
     skipped = _skipped_by_stream(batches)
     sums[2] = sum(skipped.values())
-    sums = _all_reduce_sum(sums)
+    sums = distributed.all_reduce_sum(sums)
     if int(sums[0]) == 0 and int(sums[2]) > 0:
         raise EvalError(
             f"every sample of the evaluation stream was skipped ({int(sums[2])} in all; on this rank by reason: "
@@ -319,12 +303,6 @@ def evaluate_stream(
             f"model.in_channels={vae.config.in_channels}): evaluate on matching data, or set data.resize=true"
         )
     return _summarize(vae, sums, iw_samples, active_threshold)
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _summarize(vae: ConvVAE, sums: torch.Tensor, iw_samples: int, active_threshold: float) -> dict[str, float]:

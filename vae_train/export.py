@@ -29,6 +29,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vae_train.checkpoint.manifest import (
+    MANIFEST,
+    MODEL_STATES,
+    read_manifest,
+    split_checkpoint_uri,
+    step_name,
+    trainer_state_files,
+    verified_manifest,
+)
 from vae_train.errors import VaeTrainError
 
 if TYPE_CHECKING:
@@ -54,23 +63,18 @@ def consolidated_state_dict(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tenso
     """
     import torch
 
-    from vae_train.checkpoint import CheckpointError, read_manifest, restricted_torch_load, verify_local
+    from vae_train.checkpoint.safe_load import restricted_torch_load
 
     ckpt_dir = Path(ckpt_dir)
-    manifest = read_manifest(ckpt_dir) if ckpt_dir.is_dir() else None
-    if manifest is None:
-        raise CheckpointError(f"{ckpt_dir} is not a committed checkpoint directory (no manifest.json)")
-    problems = verify_local(ckpt_dir, manifest)
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt_dir} fails its manifest: {'; '.join(problems[:5])}")
-    state = json.loads((ckpt_dir / "trainer_state.rank00000.json").read_text())
+    manifest = verified_manifest(ckpt_dir)
+    state = json.loads((ckpt_dir / trainer_state_files(0)[0]).read_text())
     with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):
         if manifest.zero_stage > 0:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
         else:
-            weights = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+            weights = torch.load(ckpt_dir / MODEL_STATES, map_location="cpu")["module"]
     weights = {k: v.detach().float().contiguous().clone() for k, v in weights.items()}
     return weights, state.get("config", {})
 
@@ -84,9 +88,9 @@ def export_checkpoint(src: str, out_dir: str | Path, dtype: str = "fp32", s3_cfg
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     with _local_checkpoint(src, s3_cfg) as ckpt_dir:
         weights, config = consolidated_state_dict(ckpt_dir)
-        step = json.loads((ckpt_dir / "manifest.json").read_text())["step"]
+        step = read_manifest(ckpt_dir).step  # verified just above
     if "model" not in config:
-        raise ExportError(f"{src} holds no model config (trainer_state.rank00000.json lacks 'config')")
+        raise ExportError(f"{src} holds no model config ({trainer_state_files(0)[0]} lacks 'config')")
     target = torch.float32 if dtype == "fp32" else torch.bfloat16
     weights = {k: v.to(target).contiguous() for k, v in weights.items()}
     out = Path(out_dir)
@@ -106,15 +110,12 @@ def _local_checkpoint(src: str, s3_cfg: S3Config | None):
     if not src.startswith("s3://"):
         yield Path(src)
         return
-    from vae_train.checkpoint import CheckpointError, download_checkpoint, parse_step
+    from vae_train.checkpoint.transfer import download_checkpoint
     from vae_train.storage import open_store
 
-    parent, _, name = src.rstrip("/").rpartition("/")
-    step = parse_step(name)
-    if step is None:
-        raise CheckpointError(f"{src!r} must end in a checkpoint name like step-00001000")
+    parent, step = split_checkpoint_uri(src)
     with tempfile.TemporaryDirectory(prefix="vae-train-export-") as tmp:
-        yield download_checkpoint(open_store(parent, s3_cfg), step, Path(tmp) / name)
+        yield download_checkpoint(open_store(parent, s3_cfg), step, Path(tmp) / step_name(step))
 
 
 def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location: str = "cpu") -> ConvVAE:
@@ -137,12 +138,12 @@ def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location:
         meta = _read_export_config(path)
         weights = load_file(str(path / WEIGHTS_FILE), device=map_location)
         model_cfg = meta["model"]
-    elif (path / "manifest.json").is_file():
+    elif (path / MANIFEST).is_file():
         weights, config = consolidated_state_dict(path)
         model_cfg = config.get("model", {})
     else:
         raise ExportError(f"{src} is neither an exported model ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a checkpoint "
-                          "(manifest.json); export one with `vae-train export CHECKPOINT --out DIR`")
+                          f"({MANIFEST}); export one with `vae-train export CHECKPOINT --out DIR`")
     model = ConvVAE(ModelConfig.model_validate(model_cfg))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -32,9 +32,10 @@ Usage in the training loop::
     with PreemptionHandler() as preempt:
         while step < max_steps:
             ...train one step...
-            if preempt.any_rank_requested(device):
-                checkpoints.save(step, wait=True)   # all ranks
-                requeue_if_slurm(step, max_steps)    # acts on global rank 0 only
+            if preempt.any_rank_requested():
+                checkpoints.save(step, final=True)   # all ranks
+                checkpoints.wait_for_uploads()
+                requeue_if_slurm(step, max_steps, rank)   # acts on global rank 0 only
                 break
 """
 
@@ -46,9 +47,10 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from types import FrameType, TracebackType
 from typing import Any, Callable
+
+from vae_train.distributed import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,6 @@ class PreemptionHandler:
     def __init__(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS) -> None:
         self.signals = signals
         self._received: signal.Signals | None = None
-        self._received_at: float | None = None
         self._previous: dict[signal.Signals, _Handler] = {}
 
     # -- installation -------------------------------------------------------------
@@ -114,7 +115,6 @@ class PreemptionHandler:
         # Only plain assignments here: logging takes locks and is not signal-safe.
         if self._received is None:
             self._received = signal.Signals(signum)
-            self._received_at = time.monotonic()
 
     # -- state ----------------------------------------------------------------------
     @property
@@ -127,26 +127,14 @@ class PreemptionHandler:
         """Name of the first signal received (``"SIGUSR1"``), or None."""
         return self._received.name if self._received is not None else None
 
-    def seconds_since_signal(self) -> float | None:
-        """Time since the signal arrived, to budget the save against the grace period."""
-        return None if self._received_at is None else time.monotonic() - self._received_at
-
-    def any_rank_requested(self, device: Any = None) -> bool:
+    def any_rank_requested(self) -> bool:
         """Collective: True on every rank when any rank has received a signal.
 
         Every rank must call it at the same step (it is one all-reduce of one
-        number). Without torch.distributed initialized it is just :attr:`requested`.
-        ``device`` is where the flag tensor lives (the rank's GPU under NCCL;
-        CPU under gloo, the default).
+        number, :func:`vae_train.distributed.any_rank`). Without a process group
+        it is just :attr:`requested`.
         """
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device or "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.requested)
 
 
 def shield_worker_from_job_signals(worker_id: int | None = None) -> None:
@@ -186,22 +174,6 @@ def under_slurm() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID"))
 
 
-def restart_count() -> int:
-    """How many times SLURM has restarted this job (``SLURM_RESTART_COUNT``, 0 on the first run)."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    except ValueError:
-        return 0
-
-
-def _global_rank() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-
-
 def _job_state(scontrol: str, job_id: str) -> str | None:
     """The job's state as the controller sees it now (``RUNNING``, ``COMPLETING``...), or None."""
     try:
@@ -215,11 +187,11 @@ def _job_state(scontrol: str, job_id: str) -> str | None:
     return None
 
 
-def requeue_if_slurm(step: int, max_steps: int, rank: int | None = None) -> bool:
+def requeue_if_slurm(step: int, max_steps: int, rank: int) -> bool:
     """Requeue this SLURM job so it resumes later; return True when a requeue was requested.
 
-    Call it after the preemption checkpoint has committed (on all ranks, it acts
-    on global rank 0 only). It does nothing outside SLURM, on other ranks, when
+    Call it after the preemption checkpoint has committed (on all ranks with
+    their global ``rank``; it acts on rank 0 only). It does nothing outside SLURM, on other ranks, when
     the run already reached ``max_steps`` (a finished run must not start again),
     or when the job is no longer RUNNING: after a plain ``scancel`` the job is
     COMPLETING and a requeue would turn the user's cancel into a restart (SLURM
@@ -231,7 +203,7 @@ def requeue_if_slurm(step: int, max_steps: int, rank: int | None = None) -> bool
     """
     if not under_slurm():
         return False
-    if (rank if rank is not None else _global_rank()) != 0:
+    if rank != 0:
         return False
     if step >= max_steps:
         log.info("not requeueing: step %d reached train.max_steps=%d", step, max_steps)

@@ -50,8 +50,9 @@ from typing import Any
 
 import torch
 
-from vae_train.checkpoint import CheckpointManager
+from vae_train.checkpoint import CheckpointManager, DeepSpeedState, Resize, StateFunctions
 from vae_train.config import Config
+from vae_train.distributed import all_reduce_sum
 from vae_train.engine import Engine, StepDecision, setup_engine
 from vae_train.errors import VaeTrainError
 from vae_train.logging import RunLogger, log, pairs_grid, image_grid, save_png, setup_console
@@ -144,17 +145,21 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
     # -- data, checkpoints, resume ---------------------------------------------------
     train_stream, val_stream = _build_streams(cfg, engine)
-    checkpoints = CheckpointManager(cfg, engine.ds, rank, world, engine.env.local_rank)
     step, skipped_total, skipped_in_a_row = 0, 0, 0
+
+    def restore_counters(state: dict[str, Any]) -> None:
+        nonlocal skipped_total
+        skipped_total = int(state["skipped_steps"])
+
+    checkpoints = CheckpointManager(cfg, rank, world, engine.env.local_rank)
+    checkpoints.register("model", DeepSpeedState(engine.ds))
+    # At another world size the stream restarts from its seed-derived start (logged by the manager).
+    checkpoints.register("data", train_stream, resize=Resize.RESTART)
+    checkpoints.register("trainer", StateFunctions(lambda: {"skipped_steps": skipped_total}, restore_counters),
+                         resize=Resize.REPLICATED)
     resume_path = checkpoints.resolve_resume()
     if resume_path:
-        resumed = checkpoints.load(engine.ds, resume_path)
-        step = resumed.step
-        skipped_total = int((resumed.all_rank_states[0] or {}).get("skipped_steps", 0))
-        if resumed.rank_state is not None:
-            train_stream.load_state_dict(resumed.rank_state["data"])
-        else:
-            log.warning("elastic resume: the data stream restarts from a fresh position derived from the seed")
+        step = checkpoints.load(resume_path).step
     _write_run_info(cfg, engine, num_parameters, resumed_from=resume_path)
 
     logger = RunLogger(cfg.run_dir, cfg.logging, max_steps=cfg.train.max_steps, start_step=step, is_main=rank == 0)
@@ -166,9 +171,6 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
     probe: torch.Tensor | None = None  # a fixed batch for the reconstruction grids
     last_loss, preempted = float("nan"), False
     batches = iter(train_stream)
-
-    def trainer_state() -> dict[str, Any]:
-        return {"data": train_stream.state_dict(), "skipped_steps": skipped_total}
 
     try:
         with PreemptionHandler() as preempt:
@@ -200,7 +202,7 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
                 # log (scalars are averaged over the logging window and over ranks)
                 if step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps:
-                    row = window.reduce(engine)
+                    row = window.reduce()
                     last_loss = row["loss"]
                     data_stats = train_stream.stats()
                     row.update(
@@ -224,10 +226,10 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                     logger.scalars(step, validate(engine, val_stream, cfg), prefix="val")
 
                 # checkpoint, and stop cleanly when SLURM/the cluster asks for the machine back
-                checkpoints.maybe_save(step, trainer_state)
-                if preempt.any_rank_requested(engine.device):
+                checkpoints.maybe_save(step)
+                if preempt.any_rank_requested():
                     logger.info(f"{preempt.signal_name or 'signal'} received: saving step {step} and exiting")
-                    checkpoints.save(step, trainer_state(), final=True)
+                    checkpoints.save(step, final=True)
                     checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
                     requeue_if_slurm(step, cfg.train.max_steps, rank)
                     preempted = True
@@ -239,7 +241,7 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
             if probe is not None:
                 _final_grids(engine, logger, probe, value_range, cfg, step)
             if _checkpointing_enabled(cfg):
-                checkpoints.save(step, trainer_state(), final=True)
+                checkpoints.save(step, final=True)
                 checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
             logger.info(f"done: {step} steps, {skipped_total} skipped; samples and reconstructions in {cfg.run_dir}")
     finally:
@@ -303,11 +305,11 @@ class _Window:
         self.kl_channels = channels if self.kl_channels is None else self.kl_channels + channels
         self.grad_norm = result.decision.grad_norm
 
-    def reduce(self, engine: Engine) -> dict[str, Any]:
+    def reduce(self) -> dict[str, Any]:
         """Window means over ranks (one all-reduce); timing is rank 0's own."""
         sums = self.sums.tolist() if self.sums is not None else [0.0, 0.0, 0.0]  # the window's host sync
         channels = self.kl_channels.tolist() if self.kl_channels is not None else [0.0]
-        totals = engine.all_reduce_sum([*sums, float(self.micro), *channels])
+        totals = all_reduce_sum(torch.tensor([*sums, float(self.micro), *channels], dtype=torch.float64)).tolist()
         count = max(totals[3], 1.0)
         seconds = time.perf_counter() - self.start
         return {

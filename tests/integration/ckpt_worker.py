@@ -35,6 +35,19 @@ MODEL = {"image_size": 8, "in_channels": 1, "base_channels": 8, "channel_mult": 
 MICRO_BATCH = 4
 
 
+class _NextStep:
+    """The job's "data stream": its state is the next step (the batch is a function of it)."""
+
+    def __init__(self) -> None:
+        self.next_step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next_step = state["next_step"]
+
+
 def _batch(seed: int, step: int, rank: int):
     import torch
 
@@ -87,6 +100,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any]) -> None:
     out_dir = Path(spec["out"])
     manager = ck.CheckpointManager(cfg, rank=rank, world_size=world, local_rank=rank)
     path = manager.resolve_resume()
+    data = _NextStep()
 
     torch.manual_seed(cfg.seed)
     model = ConvVAE(cfg.model.model_copy(update={"reparam": "reference"}))
@@ -95,15 +109,16 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any]) -> None:
               "zero_optimization": {"stage": cfg.distributed.zero_stage}, "steps_per_print": 10**9,
               "gradient_clipping": 1.0}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-    manager.engine = engine
+    manager.register("model", ck.DeepSpeedState(engine))
+    manager.register("data", data, resize=ck.Resize.RESTART)
 
     step = 0
     resumed = None
     if path:
-        resumed = manager.load(engine, path)
+        resumed = manager.load(path)
         step = resumed.step
         if not resumed.elastic:
-            assert resumed.rank_state == {"next_step": step}, resumed.rank_state
+            assert data.state_dict() == {"next_step": step}, data.state_dict()
     if spec.get("dump_after_load"):
         state = _full_state(engine)
         if rank == 0:
@@ -125,7 +140,8 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any]) -> None:
         if outage and step == outage["pause_at"] and rank == 0:
             (out_dir / "paused").touch()
             _wait_for(out_dir / "server_down")
-        manager.maybe_save(step, lambda: {"next_step": step})
+        data.next_step = step
+        manager.maybe_save(step)
         if outage and step > outage["pause_at"] and not (out_dir / "server_up").exists():
             trained_during_outage += 1
             time.sleep(0.1)
@@ -137,7 +153,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any]) -> None:
             os.killpg(os.getpgid(0), signal.SIGKILL)
         if outage and rank == 0 and step == spec["steps"] - 1:
             _wait_for(out_dir / "server_up")
-    manager.save(step, {"next_step": step}, final=True)
+    manager.save(step, final=True)
     uploads_done = manager.wait_for_uploads(120)
     torch.distributed.barrier()
     weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
@@ -148,7 +164,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any]) -> None:
         (out_dir / "result.json").write_text(json.dumps({
             "step": step, "resumed_from": resumed.step if resumed else None,
             "elastic": resumed.elastic if resumed else None, "resume_path": path,
-            "uploads_done": uploads_done, "committed_remote": manager.committed_remote,
+            "uploads_done": uploads_done,
             "trained_during_outage": trained_during_outage,
         }))
     manager.close()

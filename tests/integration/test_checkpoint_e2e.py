@@ -1,13 +1,16 @@
-"""The exact-resume property with the real trainer: ``torchrun train.py``, 2 ranks, CPU, fp32, ZeRO-2.
+"""The exact-resume property with the real trainer: ``torchrun train.py``, 2 ranks, CPU, fp32, ZeRO-1, 2 and 3.
 
 An uninterrupted run of 2N steps and a run SIGKILLed right after its step-N
 checkpoint committed to S3 (``tests/integration/train_kill_after_save.py``), then resumed
 from S3 into an empty run dir with ``resume=auto``, end with bitwise-identical
-weights (real Fashion-MNIST shards, real SeaweedFS).
+weights (real Fashion-MNIST shards, real SeaweedFS, the fused op required). The
+resumed run's final checkpoint is then exported (``vae-train export``: the ZeRO
+partitions merged) and loaded without DeepSpeed.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -16,19 +19,21 @@ import pytest
 import torch
 
 from tests.launching import clean_env, finish, kill_group, start, torchrun
-from vae_train.export import consolidated_state_dict
+from vae_train.cli import main
+from vae_train.export import consolidated_state_dict, load_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 N = 10
 
 
-def _start(shards: Path, run_dir: Path, env: dict[str, str], *overrides: str, script: str = "train.py") -> subprocess.Popen:
+def _start(shards: Path, run_dir: Path, env: dict[str, str], stage: int, *overrides: str,
+           script: str = "train.py") -> subprocess.Popen:
     cmd = torchrun(script, "--config", "configs/tiny.yaml",
-                   f"data.train={shards}", f"data.val={shards}", f"run_dir={run_dir}", "distributed.zero_stage=2",
+                   f"data.train={shards}", f"data.val={shards}", f"run_dir={run_dir}", f"distributed.zero_stage={stage}",
                    "distributed.precision=fp32", f"train.max_steps={2 * N}", "checkpoint.every_steps=5",
                    "logging.image_every=0", "logging.histogram_every=0", "resume=auto", *overrides)
-    return start(cmd, env=clean_env(**env))
+    return start(cmd, env=clean_env(VAE_TRAIN_REQUIRE_FUSED="1", **env))
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -46,16 +51,17 @@ def _has(client, bucket: str, key: str) -> bool:
         return False
 
 
-def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server, s3_bucket, tmp_path):
+@pytest.mark.parametrize("stage", [1, 2, 3], ids=["zero1", "zero2", "zero3"])
+def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server, s3_bucket, tmp_path, stage):
     env = s3_server.env()
     remote = f"s3://{s3_bucket}/run"
     client = s3_server.client()
 
     reference = tmp_path / "reference"
-    _finish(_start(fashion_shards, reference, env))
+    _finish(_start(fashion_shards, reference, env, stage))
 
     # Same run, SIGKILLed right after its step-N checkpoint committed and uploaded to S3.
-    killed = _start(fashion_shards, tmp_path / "killed", {**env, "VAE_TEST_KILL_AFTER_STEP": str(N)},
+    killed = _start(fashion_shards, tmp_path / "killed", {**env, "VAE_TEST_KILL_AFTER_STEP": str(N)}, stage,
                     f"checkpoint.remote={remote}", script="tests/integration/train_kill_after_save.py")
     try:
         out, _ = killed.communicate(timeout=300)
@@ -67,7 +73,7 @@ def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server,
 
     # Resume on a machine with nothing local: everything comes from S3.
     resumed = tmp_path / "resumed"
-    log = _finish(_start(fashion_shards, resumed, env, f"checkpoint.remote={remote}"))
+    log = _finish(_start(fashion_shards, resumed, env, stage, f"checkpoint.remote={remote}"))
     assert f"resumed from {resumed}/checkpoints/step-{N:08d} at step {N} (exact: same world size 2)" in log
     assert s3_server.secret_key not in log
 
@@ -76,3 +82,12 @@ def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server,
     assert sorted(want) == sorted(got)
     different = [k for k in want if not torch.equal(want[k], got[k])]
     assert not different, f"weights differ after resume: {different[:5]}"
+    manifest = json.loads((resumed / "checkpoints" / f"step-{2 * N:08d}" / "manifest.json").read_text())
+    assert manifest["zero_stage"] == stage
+
+    # Export merges the ZeRO partitions; the model loads without DeepSpeed and holds exactly those weights.
+    export = tmp_path / "export"
+    assert main(["export", str(resumed / "checkpoints" / f"step-{2 * N:08d}"), "--out", str(export)]) == 0
+    exported = load_model(export).state_dict()
+    assert sorted(exported) == sorted(got)
+    assert all(torch.equal(exported[k], got[k]) for k in got)

@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from tests.launching import clean_env, run, torchrun
-from vae_train.preemption import PreemptionHandler, requeue_if_slurm, restart_count
+from vae_train.preemption import PreemptionHandler, requeue_if_slurm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,6 @@ def test_signal_sets_flag_instead_of_killing(saved_handlers: None) -> None:
         while not handler.requested and time.monotonic() < deadline:
             time.sleep(0.01)
         assert handler.requested and handler.signal_name == "SIGUSR1"
-        assert 0 <= handler.seconds_since_signal() < 5
         assert handler.any_rank_requested() is True  # no process group: the local flag
     # After a request the process is shutting down: further signals stay harmless.
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
@@ -136,12 +135,8 @@ def test_dataloader_workers_survive_job_wide_sigterm_only_when_shielded(tmp_path
 def test_requeue_rules_outside_or_inside_slurm(monkeypatch: pytest.MonkeyPatch,
                                                caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    assert restart_count() == 0
     assert requeue_if_slurm(5, 10, rank=0) is False  # not under SLURM
     monkeypatch.setenv("SLURM_JOB_ID", "424242")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert restart_count() == 2
     assert requeue_if_slurm(5, 10, rank=1) is False  # only global rank 0 asks
     with caplog.at_level(logging.INFO, logger="vae_train.preemption"):
         assert requeue_if_slurm(10, 10, rank=0) is False  # finished runs never requeue

@@ -12,17 +12,17 @@ import runpy
 import signal
 from pathlib import Path
 
-from vae_train import checkpoint
+from vae_train import checkpoint, distributed
 
 KILL_AFTER = int(os.environ["VAE_TEST_KILL_AFTER_STEP"])
 _original_save = checkpoint.CheckpointManager.save
 
 
-def _save_then_die(self, step, trainer_state, *, final=False):
-    path = _original_save(self, step, trainer_state, final=final)
+def _save_then_die(self, step, *, final=False):
+    path = _original_save(self, step, final=final)
     if step == KILL_AFTER:
         self.wait_for_uploads(120)
-        checkpoint._barrier()
+        distributed.barrier()
         os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     return path

@@ -30,7 +30,7 @@ def _fake_checkpoint(root, step=10, world=2, model=None):
             body["config"] = {"model": model or config_from_dict({}).model.model_dump(mode="json")}
         (d / state).write_text(json.dumps(body))
     for path in d.iterdir():
-        files[path.name] = ck.FileEntry(path.stat().st_size, ck.sha256_file(path), ck._owner_rank(path.name))
+        files[path.name] = ck.FileEntry(path.stat().st_size, ck.sha256_file(path), ck.owner_rank(path.name))
     manifest = ck.Manifest(step, world, 2, files, "now", "0.1.0")
     (d / ck.MANIFEST).write_bytes(manifest.to_json())
     return d, manifest
@@ -46,9 +46,9 @@ def test_retention_keeps_newest_and_keepers():
 def test_step_names_and_file_owners():
     assert ck.step_name(42) == "step-00000042" and ck.parse_step("step-00000042") == 42
     assert ck.parse_step("step-42") is None and ck.parse_step("latest") is None
-    assert ck._owner_rank("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
-    assert ck._owner_rank("trainer_state.rank00002.json") == 2
-    assert ck._owner_rank("mp_rank_00_model_states.pt") == 0
+    assert ck.owner_rank("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert ck.owner_rank("trainer_state.rank00002.json") == 2
+    assert ck.owner_rank("mp_rank_00_model_states.pt") == 0
 
 
 def test_manifest_roundtrip_and_rejections(tmp_path):
@@ -121,7 +121,7 @@ def test_incompatible_model_config_lists_keys(tmp_path):
     d, _ = _fake_checkpoint(tmp_path / "ck")
     manager = ck.CheckpointManager(cfg, rank=0, world_size=2, local_rank=0)
     with pytest.raises(ck.CheckpointError) as err:
-        manager.load(engine=None, path=d)
+        manager.load(d)
     msg = str(err.value)
     assert "model.base_channels: checkpoint 32, config 64" in msg and "model.latent_channels" in msg
     assert "model.image_size" not in msg

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.fixtures.trained_vae import read_fashion_mnist
 from vae_train.config import DataConfig, resolve_binarize
 from vae_train.data import DataError, build_train_stream, build_val_stream
-from vae_train.data.datasets import FashionMnist
 from vae_train.data.decode import DecodeSpec, SampleRejected, decode_sample
 
 pytestmark = pytest.mark.timeout(180)
@@ -103,7 +103,8 @@ def test_ranks_get_distinct_deterministic_streams(fashion_shards: Path) -> None:
 
 
 def test_values_match_the_raw_pixels(fashion_shards: Path) -> None:
-    raw = FashionMnist().arrays
+    """Against the IDX files parsed with numpy in the tests (not the project's reader)."""
+    raw = {"train": read_fashion_mnist("train"), "test": read_fashion_mnist("t10k")}
     data = DataConfig(train=str(fashion_shards), num_workers=0, binarize="none")
     batch = next(_train(data, value_range=(-1.0, 1.0)))
     assert batch["image"].dtype == torch.float32 and batch["image"].shape == (32, 1, 28, 28)

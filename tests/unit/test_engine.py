@@ -18,6 +18,7 @@ import torch
 
 from tests.launching import clean_env, run, torchrun
 from vae_train.config import Config, config_from_dict
+from vae_train.distributed import LaunchError, detect_launch_env
 from vae_train.engine import (
     EngineError,
     StepGate,
@@ -25,7 +26,6 @@ from vae_train.engine import (
     build_deepspeed_config,
     check_compatibility,
     choose_device,
-    detect_launch_env,
     load_user_deepspeed_config,
     merge_deepspeed_config,
     plan_batch,
@@ -72,7 +72,7 @@ def test_accelerate_environment_is_recognised() -> None:
     ],
 )
 def test_half_set_launcher_environment_is_an_error(environ: dict[str, str], words: list[str]) -> None:
-    with pytest.raises(EngineError) as info:
+    with pytest.raises(LaunchError) as info:
         detect_launch_env(environ)
     for word in words:
         assert word in str(info.value)

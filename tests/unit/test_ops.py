@@ -335,3 +335,59 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# -- numerics at the edges ---------------------------------------------------------------------------------
+
+# Per element, against the float64 reference on the same (rounded) inputs: one ulp of the format relative
+# to the element's own exact value (a correctly rounded result is within half an ulp), plus an absolute
+# floor for the float32 arithmetic inside the kernel and float16's subnormals (spacing 2**-24 = 6e-8).
+# The float32 KL outputs: relative 1e-5 per element, same floor.
+ELEMENT_RTOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 1e-5}
+ELEMENT_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("mu_scale", [1.0, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_every_element_within_tolerance_of_float64(dtype, mu_scale):
+    for seed, shape in enumerate([(4, 6, 9, 11), (3, 5, 64), (2, 1, 3, 5, 2)]):
+        mu, logvar, eps = _inputs(shape, dtype, seed=seed)
+        mu = (mu.detach().double() * mu_scale).to(dtype).requires_grad_()
+        grads = _loss_grads(shape, shape[0], _channels(shape), dtype, seed=seed + 10)
+        fused = _run(reparam_kl, mu, logvar, eps, grads)
+        mu64, logvar64 = (t.detach().double().requires_grad_() for t in (mu, logvar))
+        exact = _run(reparam_kl_reference, mu64, logvar64, eps.double(), [g.double() for g in grads])
+        for name, got, want in zip(("z", "kl", "kl_per_channel", "dmu", "dlogvar"), fused, exact):
+            bound = ELEMENT_RTOL[got.dtype] * want.abs() + ELEMENT_ATOL
+            excess = (got.double() - want).abs() - bound
+            worst = int(excess.argmax())
+            assert excess.max() <= 0, (
+                f"{name} {got.dtype} {shape}: element {worst} is {got.double().flatten()[worst].item()!r}, "
+                f"float64 says {want.flatten()[worst].item()!r}")
+
+
+# The soft clamp's knees (identity on [-15, 5], saturating into (-20, 10)): below, at and beyond each.
+KNEE_LOGVARS = (-30.0, -16.0, 6.0, 12.0)
+
+
+@pytest.mark.parametrize("center", KNEE_LOGVARS)
+def test_gradcheck_float64_at_the_soft_clamp_knees(center):
+    g = torch.Generator().manual_seed(int(center) + 100)
+    shape = (2, 3, 4)
+    mu = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    logvar = (center + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    eps = torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def fused(m, lv):
+        return reparam_kl(m, lv, eps, return_per_channel=True)
+
+    def generated(m, lv):
+        return reparam_kl(m, lv, generator=torch.Generator().manual_seed(7), return_per_channel=True)
+
+    assert torch.autograd.gradcheck(fused, (mu, logvar))
+    assert torch.autograd.gradcheck(generated, (mu, logvar))
+    grads = _loss_grads(shape, 2, 3, torch.float64)
+    for a, b in zip(_run(reparam_kl, mu, logvar, eps, grads), _run(reparam_kl_reference, mu, logvar, eps, grads)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    (dlogvar,) = torch.autograd.grad(reparam_kl(mu, logvar, eps)[1].sum(), logvar)
+    assert (dlogvar != 0).all()  # the clamp bends but never kills the gradient

@@ -181,11 +181,11 @@ def _check_count(name: str, value: int, minimum: int = 1) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     import json
-    import os
 
     import torch.distributed as dist
 
-    from vae_train.engine import choose_device, detect_launch_env
+    from vae_train.distributed import detect_launch_env, init_process_group
+    from vae_train.engine import choose_device
     from vae_train.evaluate import evaluate_stream
 
     if args.iw_samples is not None:
@@ -197,15 +197,7 @@ def run_eval(args: argparse.Namespace) -> int:
     started_group = False
     if env.world_size > 1:
         device, backend = choose_device(env, cfg.distributed.backend)
-        if not dist.is_initialized():
-            from datetime import timedelta
-
-            os.environ.setdefault("MASTER_ADDR", env.master_addr)
-            os.environ.setdefault("MASTER_PORT", str(env.master_port))
-            dist.init_process_group(
-                backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=cfg.distributed.timeout_s)
-            )
-            started_group = True
+        started_group = init_process_group(env, backend, device, cfg.distributed.timeout_s)
     else:
         device = _device(args.device)
     try:

@@ -82,7 +82,7 @@ def run_score(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vae_train.commands.evaluate import _check_count, _load, _output_path, _settings
-    from vae_train.engine import detect_launch_env
+    from vae_train.distributed import detect_launch_env
 
     if args.iw_samples is not None:
         _check_count("--iw-samples", args.iw_samples)
@@ -142,63 +142,22 @@ def _describe(name: str, iw_samples: int | None) -> str:
 @contextlib.contextmanager
 def _process_group(env: Any, cfg: "Config", device_name: str) -> Iterator["torch.device"]:
     """The device to score on; under a multi-process launcher, with the process group up meanwhile."""
-    import os
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     from vae_train.commands.evaluate import _device
+    from vae_train.distributed import init_process_group
     from vae_train.engine import choose_device
 
     if env.world_size == 1:
         yield _device(device_name)
         return
     device, backend = choose_device(env, cfg.distributed.backend)
-    started = False
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=cfg.distributed.timeout_s))
-        started = True
+    started = init_process_group(env, backend, device, cfg.distributed.timeout_s)
     try:
         yield device
     finally:
         if started:
             dist.destroy_process_group()
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce(values: "torch.Tensor", op: str = "sum") -> "torch.Tensor":
-    """Sum (or max) of a tensor over ranks; itself in a single process."""
-    import torch
-    import torch.distributed as dist
-
-    if _world() == 1:
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    reduced = values.to(device)
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return reduced.cpu()
-
-
-def _all_gather(values: "torch.Tensor") -> list["torch.Tensor"]:
-    """Every rank's tensor of one shape, in rank order."""
-    import torch
-    import torch.distributed as dist
-
-    if _world() == 1:
-        return [values]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = values.to(device)
-    parts = [torch.empty_like(local) for _ in range(_world())]
-    dist.all_gather(parts, local)
-    return [p.cpu() for p in parts]
 
 
 # -- the passes ---------------------------------------------------------------------------------
@@ -226,6 +185,7 @@ def fit_normal(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", normal
     from vae_train import anomaly
     from vae_train.commands.evaluate import _stream
     from vae_train.data import DataError
+    from vae_train.distributed import all_reduce_sum
 
     fit_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"classes": sorted(normal or [])})})
     fit_args = argparse.Namespace(**{**vars(args), "data": args.fit_data})
@@ -239,9 +199,9 @@ def fit_normal(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", normal
     terms = [anomaly.image_terms(model, b["image"].to(device), generator=generator) for b in _real_images(stream)]
     dims = math.prod(model.latent_shape)
     mu = torch.cat([t["mu"] for t in terms]) if terms else torch.zeros(0, dims, dtype=torch.float64)
-    count = _all_reduce(torch.tensor([float(len(mu))], dtype=torch.float64))
-    total = _all_reduce(mu.sum(0))
-    outer = _all_reduce(anomaly.latent_moments(mu))
+    count = all_reduce_sum(torch.tensor([float(len(mu))], dtype=torch.float64))
+    total = all_reduce_sum(mu.sum(0))
+    outer = all_reduce_sum(anomaly.latent_moments(mu))
     gaussian = anomaly.LatentGaussian.from_sums(float(count), total, outer)
     names = ("nelbo", "recon", "complexity", "recon_png", "latent")
     moments = torch.zeros(len(names), 3, dtype=torch.float64)  # count, sum, sum of squares per score
@@ -249,7 +209,7 @@ def fit_normal(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", normal
         scores = {**anomaly.base_scores(t), "latent": gaussian.distance(t["mu"])}
         for i, n in enumerate(names):
             moments[i] += torch.tensor([scores[n].numel(), scores[n].sum(), scores[n].square().sum()])
-    moments = _all_reduce(moments)
+    moments = all_reduce_sum(moments)
     stats = anomaly.stats_from_moments({n: tuple(moments[i].tolist()) for i, n in enumerate(names)})
     return anomaly.NormalFit(gaussian, stats)
 
@@ -286,35 +246,24 @@ def score_rows(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", fit: "
 
 def gather_rows(rows: tuple[list[str], "torch.Tensor", dict[str, "torch.Tensor"]]
                 ) -> tuple[list[str], list[int], dict[str, "torch.Tensor"]]:
-    """Every rank's rows, concatenated in rank order (= data order: ranks hold consecutive ranges)."""
+    """Every rank's rows, concatenated in rank order (= data order: ranks hold consecutive ranges).
+
+    JSON on the wire (:func:`vae_train.distributed.all_gather_json`): floats round-trip
+    exactly, and non-finite scores travel as NaN/Infinity.
+    """
     import torch
 
+    from vae_train.distributed import all_gather_json
+
     keys, labels, scores = rows
+    parts = all_gather_json({"keys": keys, "labels": labels.tolist(),
+                             "scores": {name: values.tolist() for name, values in scores.items()}})
     names = sorted(scores)
-    count = len(keys)
-    width = max([len(k.encode()) for k in keys] + [1])
-    top = _all_reduce(torch.tensor([count, width], dtype=torch.float64), op="max")
-    n, width = int(top[0]), int(top[1])
-    packed_keys = torch.zeros(n, width, dtype=torch.uint8)
-    for i, key in enumerate(keys):
-        raw = key.encode()
-        packed_keys[i, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    values = torch.zeros(n, len(names) + 2, dtype=torch.float64)
-    values[:count, 0] = 1.0  # a real row (not padding)
-    values[:count, 1] = labels.double()
-    for j, name in enumerate(names):
-        values[:count, j + 2] = scores[name]
-    all_keys, all_values = _all_gather(packed_keys), _all_gather(values)
-    out_keys: list[str] = []
-    out_labels: list[int] = []
-    out_scores: list[torch.Tensor] = []
-    for part_keys, part_values in zip(all_keys, all_values):
-        real = part_values[:, 0] > 0
-        out_keys += [bytes(row[row > 0].tolist()).decode() for row in part_keys[real]]
-        out_labels += [int(v) for v in part_values[real, 1].tolist()]
-        out_scores.append(part_values[real, 2:])
-    table = torch.cat(out_scores)
-    return out_keys, out_labels, {name: table[:, j] for j, name in enumerate(names)}
+    out_keys = [key for part in parts for key in part["keys"]]
+    out_labels = [label for part in parts for label in part["labels"]]
+    table = {name: torch.tensor([v for part in parts for v in part["scores"][name]], dtype=torch.float64)
+             for name in names}
+    return out_keys, out_labels, table
 
 
 # -- outputs ------------------------------------------------------------------------------------

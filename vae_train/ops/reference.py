@@ -22,7 +22,7 @@ import math
 
 import torch
 
-# Keep in sync with csrc/reparam_kl_math.h (tests/test_ops.py checks it).
+# Keep in sync with csrc/reparam_kl_math.h (tests/unit/test_ops.py checks it).
 LOGVAR_MIN = -20.0
 LOGVAR_LINEAR_MIN = -15.0
 LOGVAR_LINEAR_MAX = 5.0
