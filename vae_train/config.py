@@ -136,6 +136,10 @@ class TrainConfig(Section):
     """Batch sizes, step budget and the loop's cadence."""
 
     max_steps: int = Field(2000, ge=1, description="Optimizer steps to train (the run ends there).")
+    max_time_s: float = Field(
+        0.0, ge=0.0, description="Also end the run after this many seconds of the training loop (agreed by all "
+        "ranks; final validation and checkpoint as at max_steps; schedules still follow max_steps). 0 = off.",
+    )
     global_batch_size: int = Field(128, ge=1, description="Images per optimizer step over all ranks.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this value (0 = off).")
