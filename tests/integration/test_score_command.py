@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,19 @@ def test_bad_normal_classes_and_unlabelled_data(two_class_model: Path, fashion_s
     assert main(["score", "--checkpoint", str(two_class_model), "--data", f"{fashion_shards}#val", "--out", str(out),
                  "--fit-data", f"{unlabelled}#train", "--normal-classes", "0", "data.num_workers=0"]) == 2
     assert "needs labelled samples" in capsys.readouterr().err
+
+
+def test_max_time_s_ends_the_run_with_a_final_checkpoint(fashion_shards: Path, tmp_path: Path) -> None:
+    """train.max_time_s stops a run long before max_steps, and it ends as a finished run does."""
+    started = time.perf_counter()
+    trained = run(
+        [sys.executable, "-m", "vae_train", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
+         f"data.train={fashion_shards}", f"run_dir={tmp_path / 'run'}", "train.max_steps=100000",
+         "train.max_time_s=3", "checkpoint.every_steps=100000", "data.classes=[3]"],
+        env=clean_env(), timeout_s=240,
+    )
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    assert "train.max_time_s=3 reached" in trained.stderr + trained.stdout
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 100000
+    assert time.perf_counter() - started < 200
