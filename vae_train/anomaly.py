@@ -15,7 +15,10 @@ normal data, of a :class:`NormalFit` made from the model's terms on normal
                 scores (after binarization, for a Bernoulli model), at 8 bits per pixel.
 ``latent``      Mahalanobis distance (squared) of the posterior mean ``mu(x)`` from a
                 Gaussian fitted to the normal images' posterior means (shrunk covariance).
-``combined``    ``z(latent) + z(recon - png)``: the latent distance plus the complexity-corrected
+``knn``         mean Euclidean distance of ``mu(x)`` to the posterior means of its
+                :data:`KNN_K` nearest normal images (no Gaussian shape assumed: a class
+                with several modes, e.g. bags with and without handles, keeps them).
+``combined``    ``z(knn) + z(recon - png)``: the latent distance plus the complexity-corrected
                 reconstruction error of the posterior mean (deterministic, unlike the sampled
                 ELBO), each z-normalised by its mean and standard deviation over the normal
                 images: an image far from the normal data in latent space *or* explained
@@ -45,11 +48,14 @@ SCORES: dict[str, str] = {
     "recon": "reconstruction error of the posterior mean, -log p(x | mu(x)) (nats)",
     "complexity": "NLL (iw if computed, else nelbo) minus the PNG size of the scored image (nats)",
     "latent": "squared Mahalanobis distance of mu(x) from the normal images' posterior means",
-    "combined": "z(latent) + z(recon - png), z-normalised on the normal images",
+    "knn": "mean distance of mu(x) to the posterior means of its 5 nearest normal images",
+    "combined": "z(knn) + z(recon - png), z-normalised on the normal images",
 }
 DEFAULT_SCORE = "combined"
-NEEDS_FIT = ("latent", "combined")
+NEEDS_FIT = ("latent", "knn", "combined")
 """Scores that compare an image with the normal data (they need ``--fit-data``)."""
+KNN_K = 5
+"""Neighbours averaged by the ``knn`` score."""
 MAX_FULL_COVARIANCE_DIMS = 4096
 """Latents with more units than this get a diagonal Gaussian (a full covariance would not fit)."""
 
@@ -161,18 +167,36 @@ def latent_moments(mu: torch.Tensor) -> torch.Tensor:
     return mu.T @ mu
 
 
+def knn_distance(bank: torch.Tensor, queries: torch.Tensor, *, exclude_self: bool = False,
+                 chunk: int = 1024) -> torch.Tensor:
+    """Mean Euclidean distance of each query row to its :data:`KNN_K` nearest ``bank`` rows, float64 ``[B]``.
+
+    ``exclude_self`` drops each query's nearest row: for queries that are rows of the bank
+    (the normal images themselves, scored leave-one-out).
+    """
+    k = min(KNN_K + int(exclude_self), bank.shape[0])
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        nearest = torch.cdist(queries[start:start + chunk].float(), bank.float()).topk(k, largest=False).values
+        out.append((nearest[:, 1:] if exclude_self else nearest).mean(1))
+    return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64)
+
+
 @dataclass
 class NormalFit:
-    """What the normal images tell: their latent Gaussian and the mean/std of each base score."""
+    """What the normal images tell: their latent Gaussian, their posterior means (``bank``, for
+    ``knn``) and the mean/std of each score on them (for the z-normalised ``combined``)."""
 
     gaussian: LatentGaussian
+    bank: torch.Tensor
     stats: dict[str, tuple[float, float]]
 
     def scores(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every score of :data:`SCORES` that the terms allow (``iw`` only when computed), plus ``recon_png``."""
         scores = base_scores(terms)
         scores["latent"] = self.gaussian.distance(terms["mu"])
-        scores["combined"] = self.z(scores, "latent") + self.z(scores, "recon_png")
+        scores["knn"] = knn_distance(self.bank, terms["mu"])
+        scores["combined"] = self.z(scores, "knn") + self.z(scores, "recon_png")
         return scores
 
     def z(self, scores: dict[str, torch.Tensor], name: str) -> torch.Tensor:

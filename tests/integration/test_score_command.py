@@ -69,7 +69,7 @@ def test_score_one_and_two_ranks(two_class_model: Path, fashion_shards: Path, tm
     rows = _rows(one)
     assert len(rows) == 3000 and len({r["key"] for r in rows}) == 3000
     assert list(rows[0])[:5] == ["key", "label", "score_bpd", "nelbo_nats", "iw_nll_nats"]
-    assert {"score", "recon", "complexity", "latent", "combined"} <= set(rows[0])
+    assert {"score", "recon", "complexity", "latent", "knn", "combined"} <= set(rows[0])
     summary = json.loads(metrics.read_text())
     assert summary["score"] == "combined"  # the default once normal data is given
     y = [int(r["label"]) not in NORMAL for r in rows]
@@ -77,7 +77,7 @@ def test_score_one_and_two_ranks(two_class_model: Path, fashion_shards: Path, tm
     assert score == [float(r["combined"]) for r in rows]
     assert summary["auroc"] == pytest.approx(roc_auc_score(y, score), abs=1e-12)
     assert summary["auprc"] == pytest.approx(average_precision_score(y, score), abs=1e-12)
-    for name in ("nelbo", "iw", "recon", "complexity", "latent"):
+    for name in ("nelbo", "iw", "recon", "complexity", "latent", "knn"):
         column = [float(r[{"nelbo": "nelbo_nats", "iw": "iw_nll_nats"}.get(name, name)]) for r in rows]
         assert summary["auroc_by_score"][name] == pytest.approx(roc_auc_score(y, column), abs=1e-12), name
     assert "AUROC" in printed and "AUPRC" in printed
@@ -90,7 +90,7 @@ def test_score_one_and_two_ranks(two_class_model: Path, fashion_shards: Path, tm
     assert [r["key"] for r in rows2] == [r["key"] for r in rows]  # every test image once, in data order
     assert [r["label"] for r in rows2] == [r["label"] for r in rows]
     # deterministic scores (posterior means, the fit's sums) agree with one process
-    for name in ("recon", "latent", "combined", "complexity"):
+    for name in ("recon", "latent", "knn", "combined", "complexity"):
         if name == "complexity":  # rank by the sampled ELBO here (no --iw-samples): other noise per rank
             continue
         np.testing.assert_allclose([float(r[name]) for r in rows2], [float(r[name]) for r in rows], rtol=1e-6)

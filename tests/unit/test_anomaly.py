@@ -53,6 +53,18 @@ def test_latent_gaussian_is_the_shrunk_mahalanobis_distance() -> None:
         anomaly.LatentGaussian.from_sums(1, t[0], anomaly.latent_moments(t[:1]))
 
 
+def test_knn_distance_is_the_mean_distance_to_the_nearest_normal_images() -> None:
+    rng = np.random.default_rng(4)
+    bank, queries = rng.normal(size=(300, 5)), rng.normal(size=(9, 5))
+    brute = np.sort(np.linalg.norm(queries[:, None] - bank[None], axis=2), axis=1)[:, : anomaly.KNN_K].mean(1)
+    got = anomaly.knn_distance(torch.from_numpy(bank), torch.from_numpy(queries), chunk=4)
+    assert got.numpy() == pytest.approx(brute, rel=1e-5)
+    # leave-one-out on the bank's own rows: the zero distance to itself is not counted
+    own = anomaly.knn_distance(torch.from_numpy(bank), torch.from_numpy(bank[:3]), exclude_self=True)
+    expected = np.sort(np.linalg.norm(bank[:3, None] - bank[None], axis=2), axis=1)[:, 1 : anomaly.KNN_K + 1].mean(1)
+    assert own.numpy() == pytest.approx(expected, rel=1e-5)
+
+
 def test_large_latents_get_a_diagonal_gaussian(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(anomaly, "MAX_FULL_COVARIANCE_DIMS", 4)
     t = torch.from_numpy(np.random.default_rng(2).normal(size=(100, 6)) * [1, 2, 3, 4, 5, 6])
@@ -76,17 +88,21 @@ def test_scores_of_a_real_model_follow_their_definitions() -> None:
     assert torch.allclose(base["complexity"], terms["iw"] - terms["png"])
     fit_terms = anomaly.image_terms(model, (torch.rand(40, 1, 28, 28) < 0.3).float())
     gaussian = anomaly.LatentGaussian.from_sums(40, fit_terms["mu"].sum(0), anomaly.latent_moments(fit_terms["mu"]))
-    fit_scores = {**anomaly.base_scores(fit_terms), "latent": gaussian.distance(fit_terms["mu"])}
-    fit = anomaly.NormalFit(gaussian, anomaly.stats_from_moments(anomaly.score_moments(fit_scores)))
+    bank = fit_terms["mu"].float()
+    fit_scores = {**anomaly.base_scores(fit_terms), "latent": gaussian.distance(fit_terms["mu"]),
+                  "knn": anomaly.knn_distance(bank, fit_terms["mu"], exclude_self=True)}
+    fit = anomaly.NormalFit(gaussian, bank, anomaly.stats_from_moments(anomaly.score_moments(fit_scores)))
     # on the normal images themselves the z-normalised parts have mean 0 and std 1
     on_fit = fit.scores(fit_terms)
-    assert on_fit["combined"].mean().item() == pytest.approx(0.0, abs=1e-9)
-    z = (on_fit["recon"] - on_fit["recon"].mean()) / on_fit["recon"].std(unbiased=False)
-    assert torch.allclose(fit.z(on_fit, "recon"), z)
+    z = (on_fit["recon_png"] - on_fit["recon_png"].mean()) / on_fit["recon_png"].std(unbiased=False)
+    assert torch.allclose(fit.z(on_fit, "recon_png"), z)
+    # knn is z-normalised by the leave-one-out distances of the normal images
+    loo = anomaly.knn_distance(bank, fit_terms["mu"], exclude_self=True)
+    assert fit.stats["knn"][0] == pytest.approx(loo.mean().item())
     scores = fit.scores(terms)
     assert set(anomaly.SCORES) <= set(scores)
     assert torch.allclose(scores["recon_png"], scores["recon"] - terms["png"])
-    assert torch.allclose(scores["combined"], fit.z(scores, "latent") + fit.z(scores, "recon_png"))
+    assert torch.allclose(scores["combined"], fit.z(scores, "knn") + fit.z(scores, "recon_png"))
 
 
 def _labels_and_scores(seed: int = 3):

@@ -185,7 +185,7 @@ def fit_normal(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", normal
     from vae_train import anomaly
     from vae_train.commands.evaluate import _stream
     from vae_train.data import DataError
-    from vae_train.distributed import all_reduce_sum
+    from vae_train.distributed import all_gather_json, all_reduce_sum
 
     fit_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"classes": sorted(normal or [])})})
     fit_args = argparse.Namespace(**{**vars(args), "data": args.fit_data})
@@ -203,15 +203,22 @@ def fit_normal(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", normal
     total = all_reduce_sum(mu.sum(0))
     outer = all_reduce_sum(anomaly.latent_moments(mu))
     gaussian = anomaly.LatentGaussian.from_sums(float(count), total, outer)
-    names = ("nelbo", "recon", "complexity", "recon_png", "latent")
+    # every rank gets every normal image's posterior mean (for knn): each fills its rows, the sum is the bank
+    counts = all_gather_json(len(mu))
+    offset = sum(counts[:rank]) if len(counts) > 1 else 0
+    bank = torch.zeros(sum(counts), dims, dtype=torch.float64)
+    bank[offset:offset + len(mu)] = mu
+    bank = all_reduce_sum(bank).float()
+    names = ("nelbo", "recon", "complexity", "recon_png", "latent", "knn")
     moments = torch.zeros(len(names), 3, dtype=torch.float64)  # count, sum, sum of squares per score
     for t in terms:
-        scores = {**anomaly.base_scores(t), "latent": gaussian.distance(t["mu"])}
+        scores = {**anomaly.base_scores(t), "latent": gaussian.distance(t["mu"]),
+                  "knn": anomaly.knn_distance(bank, t["mu"], exclude_self=True)}
         for i, n in enumerate(names):
             moments[i] += torch.tensor([scores[n].numel(), scores[n].sum(), scores[n].square().sum()])
     moments = all_reduce_sum(moments)
     stats = anomaly.stats_from_moments({n: tuple(moments[i].tolist()) for i, n in enumerate(names)})
-    return anomaly.NormalFit(gaussian, stats)
+    return anomaly.NormalFit(gaussian, bank, stats)
 
 
 def score_rows(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", fit: "NormalFit | None",
@@ -239,7 +246,7 @@ def score_rows(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", fit: "
     if not columns:  # this rank's share was empty: the columns still have to match the others'
         empty = torch.zeros(0, dtype=torch.float64)
         names = ["nelbo", "recon", "complexity", "recon_png"] + (["iw"] if args.iw_samples else [])
-        columns = {n: [empty] for n in names + (["latent", "combined"] if fit is not None else [])}
+        columns = {n: [empty] for n in names + (["latent", "knn", "combined"] if fit is not None else [])}
         labels = [torch.zeros(0, dtype=torch.int64)]
     return keys, torch.cat(labels), {name: torch.cat(values) for name, values in columns.items()}
 
@@ -332,7 +339,7 @@ def write_csv(path: "Path", keys: list[str], labels: list[int], scores: dict[str
     from vae_train.model import bits_per_dim
 
     likelihood = scores["iw"] if "iw" in scores else scores["nelbo"]
-    extra = [n for n in ("recon", "complexity", "latent", "combined") if n in scores]
+    extra = [n for n in ("recon", "complexity", "latent", "knn", "combined") if n in scores]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "label", "score_bpd", "nelbo_nats"] + (["iw_nll_nats"] if "iw" in scores else [])
