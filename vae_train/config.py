@@ -116,15 +116,30 @@ class DataConfig(Section):
     random_flip: bool = Field(False, description="Random horizontal flips of training images.")
     random_crop: bool = Field(False, description="Random crops of training images to model.image_size (else centre).")
     resize: bool = Field(False, description="Resize images whose size differs from model.image_size instead of refusing.")
+    classes: list[int] = Field(
+        default_factory=list,
+        description="Keep only samples with these labels in the train and validation streams (e.g. [6] for a "
+        "one-class anomaly model); others are skipped and counted as filtered. Empty = every sample.",
+    )
     val_batch_size: int = Field(256, ge=1, description="Per-rank batch size of the validation stream.")
     strict: bool = Field(False, description="Fail on a damaged sample or shard instead of skipping and counting it.")
     timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for a batch before declaring the loader stuck.")
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> "DataConfig":
+        if any(label < 0 for label in self.classes) or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"data.classes must be distinct labels >= 0, got {self.classes}")
+        return self
 
 
 class TrainConfig(Section):
     """Batch sizes, step budget and the loop's cadence."""
 
     max_steps: int = Field(2000, ge=1, description="Optimizer steps to train (the run ends there).")
+    max_time_s: float = Field(
+        0.0, ge=0.0, description="Also end the run after this many seconds of the training loop (agreed by all "
+        "ranks; final validation and checkpoint as at max_steps; schedules still follow max_steps). 0 = off.",
+    )
     global_batch_size: int = Field(128, ge=1, description="Images per optimizer step over all ranks.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this value (0 = off).")

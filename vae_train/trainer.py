@@ -52,7 +52,7 @@ import torch
 
 from vae_train.checkpoint import CheckpointManager, DeepSpeedState, Resize, StateFunctions
 from vae_train.config import Config
-from vae_train.distributed import all_reduce_sum
+from vae_train.distributed import all_reduce_sum, any_rank
 from vae_train.engine import Engine, StepDecision, setup_engine
 from vae_train.errors import VaeTrainError
 from vae_train.logging import RunLogger, log, pairs_grid, image_grid, save_png, setup_console
@@ -171,6 +171,7 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
     probe: torch.Tensor | None = None  # a fixed batch for the reconstruction grids
     last_loss, preempted = float("nan"), False
     batches = iter(train_stream)
+    deadline = time.perf_counter() + cfg.train.max_time_s if cfg.train.max_time_s else None
 
     try:
         with PreemptionHandler() as preempt:
@@ -233,6 +234,9 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                     checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
                     requeue_if_slurm(step, cfg.train.max_steps, rank)
                     preempted = True
+                    break
+                if deadline is not None and any_rank(time.perf_counter() >= deadline):
+                    logger.info(f"train.max_time_s={cfg.train.max_time_s:g} reached: ending the run at step {step}")
                     break
 
         if not preempted:

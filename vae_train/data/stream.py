@@ -48,7 +48,13 @@ The validation stream reads every sample exactly once over all ranks and
 workers: index.json gives each shard's count, rank r takes the contiguous sample
 range ``[r*N/R, (r+1)*N/R)``, split into batches, and each worker takes a
 contiguous run of those batches. Every rank yields the same number of batches;
-the tail is padded with ``mask=False`` slots. A sample that cannot be read or
+the tail is padded with ``mask=False`` slots.
+
+``data.classes`` (:mod:`vae_train.data.classes`) keeps only samples of those labels:
+the training stream reads past the others (its batches stay full, its state counts
+them, so resume stays exact), the validation stream masks them (so its layout, and
+the equal batch counts, do not change). Both count them as ``filtered``, apart from
+damage. A sample that cannot be read or
 decoded also becomes a masked slot, counted in ``stats()`` and warned about with
 its shard and key (``data.strict`` makes it an error).
 
@@ -78,6 +84,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vae_train.data import s3_opener
+from vae_train.data.classes import MAX_CONSECUTIVE_FILTERED, check_labels_occur, keeps, too_many_filtered
 from vae_train.data.decode import DecodeSpec, SampleRejected, decode_sample
 from vae_train.data.errors import DataError
 from vae_train.data.sources import Source, fingerprint, resolve_sources
@@ -115,6 +122,7 @@ class _Plan:
     block_size: int
     strict: bool
     s3_cfg: Any
+    classes: frozenset[int] = frozenset()  # data.classes; empty = keep every sample
 
     @property
     def logical_workers(self) -> int:
@@ -243,11 +251,18 @@ def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Ite
     weights = np.asarray([s.weight for s in plan.sources], float)
     weights /= weights.sum()
     rejected_in_row = 0
+    filtered, filtered_in_row = int(state.get("filtered", 0)), 0
     while True:
         images, keys, labels = [], [], []
         while len(images) < plan.batch_size:
             s = int(rng.choice(n_sources, p=weights)) if n_sources > 1 else 0
             url, (key, members) = next(streams[s])
+            if plan.classes and not keeps(plan.classes, key, members, url):
+                filtered, filtered_in_row = filtered + 1, filtered_in_row + 1
+                if filtered_in_row >= MAX_CONSECUTIVE_FILTERED:
+                    raise too_many_filtered(plan.classes, filtered_in_row, plan.sources[s].spec)
+                continue
+            filtered_in_row = 0
             try:
                 image, label = decode_sample(key, members, plan.spec, rng)
             except SampleRejected as rej:
@@ -267,6 +282,7 @@ def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Ite
             "cursors": [[c.draw, c.pos] for c in cursors],
             "rng": rng.bit_generator.state,
             "skipped": dict(skips.counts),
+            "filtered": filtered,
         }
         yield _batch(images, keys, labels), worker, snapshot
 
@@ -408,6 +424,7 @@ class TrainStream:
             "seed": plan.seed,
             "shuffle_buffer": plan.block_size,
             "sources": self._fingerprint,
+            "classes": sorted(plan.classes),
             "batches": self.batches,
             "next_worker": self._next_worker,
             "workers": list(self._states),
@@ -419,14 +436,14 @@ class TrainStream:
         expected = {
             "version": STATE_VERSION, "world_size": plan.world_size, "rank": plan.rank,
             "num_workers": plan.num_workers, "micro_batch_size": plan.batch_size, "seed": plan.seed,
-            "shuffle_buffer": plan.block_size, "sources": self._fingerprint,
+            "shuffle_buffer": plan.block_size, "sources": self._fingerprint, "classes": sorted(plan.classes),
         }
         for key, value in expected.items():
-            if state.get(key) != value:
+            if state.get(key, [] if key == "classes" else None) != value:
                 raise DataError(
                     f"cannot resume the data stream: the checkpoint's {key} is {state.get(key)!r}, this run's is "
                     f"{value!r}. Exact resume needs the same world size, data.num_workers, micro-batch size, seed, "
-                    "data.shuffle_buffer and data sources (changing them is not supported yet); start a fresh run "
+                    "data.shuffle_buffer, data.classes and data sources (changing them is not supported yet); start a fresh run "
                     "or restore the old settings")
         if len(state["workers"]) != plan.logical_workers:
             raise DataError(f"data stream state has {len(state['workers'])} worker states, expected "
@@ -442,7 +459,8 @@ class TrainStream:
         ``samples_per_s``: images delivered per second of wall time; ``data_wait_s``
         and ``data_wait_fraction``: time the caller spent blocked in ``next()``
         (and its share of the wall time); ``skipped``: samples skipped by reason
-        over the whole run (``shard_error`` counts shards cut short).
+        over the whole run (``shard_error`` counts shards cut short); ``filtered``:
+        samples left out by ``data.classes`` over the whole run (not damage).
         """
         t = self._timing
         now = time.perf_counter()
@@ -452,12 +470,14 @@ class TrainStream:
         skipped: Counter[str] = Counter()
         for state in self._states:
             skipped.update((state or {}).get("skipped", {}))
+        filtered = sum(int((state or {}).get("filtered", 0)) for state in self._states)
         return {
             "samples_per_s": samples / elapsed,
             "data_wait_s": wait,
             "data_wait_fraction": wait / elapsed,
             "skipped": dict(skipped),
             "skipped_total": sum(skipped.values()),
+            "filtered": filtered,
         }
 
 
@@ -479,11 +499,14 @@ def build_train_stream(
     if micro_batch_size < 1:
         raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     sources = resolve_sources(data_cfg.train, default_split="train", weights=data_cfg.train_weights, s3_cfg=s3_cfg)
+    classes = frozenset(data_cfg.classes)
+    check_labels_occur(sources, classes, "data.train")
     plan = _Plan(
         sources=tuple(sources),
         spec=_decode_spec(data_cfg, image_size, channels, value_range, train=True),
         batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
         seed=seed, block_size=max(1, data_cfg.shuffle_buffer), strict=data_cfg.strict, s3_cfg=s3_cfg,
+        classes=classes,
     )
     return TrainStream(plan, timeout_s=data_cfg.timeout_s)
 
@@ -535,7 +558,8 @@ def _val_positions(plan: _Plan, layout: _ValLayout, lo: int, hi: int, skips: _Sk
 
 
 def _val_worker(plan: _Plan, worker: int, _state: None, layout: _ValLayout) -> Iterator[tuple[Any, ...]]:
-    """Batches ``layout.worker_batches(worker)`` of this rank, padded and masked; yields (batch, worker, skips)."""
+    """Batches ``layout.worker_batches(worker)`` of this rank, padded and masked; yields (batch, worker, counts):
+    the skip counts by reason, plus ``filtered`` (samples left out by ``data.classes``, also masked)."""
     batches = layout.worker_batches(worker, plan.logical_workers)
     if not batches:
         return
@@ -545,19 +569,24 @@ def _val_worker(plan: _Plan, worker: int, _state: None, layout: _ValLayout) -> I
     last_pos = min(layout.rank_end, layout.rank_start + batches.stop * b)
     samples = _val_positions(plan, layout, first_pos, last_pos, skips) if first_pos < last_pos else iter(())
     pending = next(samples, None)
+    filtered = 0
     blank = np.zeros((plan.spec.channels, plan.spec.image_size, plan.spec.image_size), np.float32)
     for j in batches:
         start = layout.rank_start + j * b
         images, keys, labels, mask = [blank] * b, [""] * b, [-1] * b, [False] * b
         while pending is not None and pending[0] < start + b:
             pos, url, (key, members) = pending
+            if plan.classes and not keeps(plan.classes, key, members, url):
+                filtered += 1
+                pending = next(samples, None)
+                continue
             try:
                 images[pos - start], labels[pos - start] = decode_sample(key, members, plan.spec, None)
                 keys[pos - start], mask[pos - start] = key, True
             except SampleRejected as rej:
                 skips.skip(url, rej.reason, f"validation sample {key!r} of shard {url}: {rej}; it is masked out")
             pending = next(samples, None)
-        yield _batch(images, keys, labels, mask), worker, dict(skips.counts)
+        yield _batch(images, keys, labels, mask), worker, {"skipped": dict(skips.counts), "filtered": filtered}
 
 
 class ValStream:
@@ -572,6 +601,7 @@ class ValStream:
         self.num_samples = num_samples
         self._timeout_s = timeout_s
         self._skipped: Counter[str] = Counter()
+        self._filtered = 0
 
     def __len__(self) -> int:
         return self._layout.num_batches
@@ -582,18 +612,20 @@ class ValStream:
         make = functools.partial(_val_worker, layout=self._layout)
         iterator = _loader(_WorkerDataset(plan, make, [None] * plan.logical_workers), plan.num_workers,
                            self._timeout_s)
-        latest: dict[int, dict[str, int]] = {}
+        latest: dict[int, dict[str, Any]] = {}
         for _ in range(self._layout.num_batches):
-            batch, worker, skipped = _next_item(iterator, plan, self._timeout_s)
-            latest[worker] = skipped
+            batch, worker, counts = _next_item(iterator, plan, self._timeout_s)
+            latest[worker] = counts
             yield batch
         self._skipped = Counter()
         for counts in latest.values():
-            self._skipped.update(counts)
+            self._skipped.update(counts["skipped"])
+        self._filtered = sum(counts["filtered"] for counts in latest.values())
 
     def stats(self) -> dict[str, Any]:
-        """Samples skipped (masked) in the last complete pass, by reason."""
-        return {"skipped": dict(self._skipped), "skipped_total": sum(self._skipped.values())}
+        """Samples skipped (masked) in the last complete pass, by reason, and those ``data.classes`` filtered out."""
+        return {"skipped": dict(self._skipped), "skipped_total": sum(self._skipped.values()),
+                "filtered": self._filtered}
 
 
 def build_val_stream(
@@ -621,6 +653,8 @@ def build_val_stream(
         total += shard.num_samples  # type: ignore[operator]
     if total == 0:
         raise DataError(f"validation source {data_cfg.val!r} holds no samples")
+    classes = frozenset(data_cfg.classes)
+    check_labels_occur(sources, classes, "data.val")
     per_rank = math.ceil(total / world_size)
     layout = _ValLayout(tuple(starts), rank * total // world_size, (rank + 1) * total // world_size,
                         math.ceil(per_rank / batch_size))
@@ -628,6 +662,6 @@ def build_val_stream(
         sources=tuple(sources),
         spec=_decode_spec(data_cfg, image_size, channels, value_range, train=False),
         batch_size=batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
-        seed=0, block_size=1, strict=data_cfg.strict, s3_cfg=s3_cfg,
+        seed=0, block_size=1, strict=data_cfg.strict, s3_cfg=s3_cfg, classes=classes,
     )
     return ValStream(plan, layout, total, data_cfg.timeout_s)
