@@ -34,46 +34,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cli_runs import command, failed, fashion_mnist_work_dir, vae_train  # noqa: E402
 from vae_train.anomaly import DEFAULT_SCORE, SCORES  # noqa: E402
 from vae_train.data.datasets import FASHION_MNIST_CLASSES as CLASS_NAMES  # noqa: E402
 
 TARGET_MEAN = 0.94
 TARGET_MIN = 0.85
 ANCHORS = {"VAE recon (Park et al. 2020)": 0.869, "Deep SVDD": 0.914, "GEOM": 0.935, "ARNet": 0.939}
-
-
-def _command(args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return [sys.executable, "-m", "vae_train", *args], env
-
-
-def _failed(args: tuple[str, ...], status: int, log: Path) -> SystemExit:
-    tail = log.read_text().splitlines()[-20:]
-    return SystemExit(f"vae-train {args[0]} failed (status {status}); last lines of {log}:\n" + "\n".join(tail))
-
-
-def _vae_train(*args: str, log: Path) -> float:
-    """Run ``python -m vae_train ARGS`` (output to ``log``); returns its wall time. A failure shows the log's tail."""
-    cmd, env = _command(args)
-    started = time.perf_counter()
-    with log.open("a") as f:
-        f.write(f"$ vae-train {' '.join(args)}\n")
-        f.flush()
-        status = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if status != 0:
-        raise _failed(args, status, log)
-    return time.perf_counter() - started
 
 
 def train_class(c: int, args: argparse.Namespace, work: Path, shards: Path, log: Path) -> tuple[Path, float]:
@@ -89,7 +64,7 @@ def train_class(c: int, args: argparse.Namespace, work: Path, shards: Path, log:
         train_s = float(timing.read_text())
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # no checkpoint of an interrupted earlier run is taken for this one
-        train_s = _vae_train("train", "--config", args.config, f"data.train={shards}", "data.val=",
+        train_s = vae_train("train", "--config", args.config, f"data.train={shards}", "data.val=",
                              f"data.classes=[{c}]", f"run_dir={run_dir}", "resume=none",
                              "logging.progress_bar=false", *args.overrides, log=log)
         timing.write_text(f"{train_s:.1f}\n")
@@ -108,7 +83,7 @@ class Scoring:
                      "--metrics-out", str(self.metrics), "data.num_workers=0")
         self.process = None
         if not self._done():
-            cmd, env = _command(self.args)
+            cmd, env = command(self.args)
             with self.log.open("w") as f:
                 self.process = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
@@ -121,7 +96,7 @@ class Scoring:
     def result(self) -> dict[str, float]:
         """AUROC per score (waits for the command)."""
         if self.process is not None and self.process.wait() != 0:
-            raise _failed(self.args, self.process.returncode, self.log)
+            raise failed(self.args, self.process.returncode, self.log)
         return json.loads(self.metrics.read_text())["auroc_by_score"]
 
 
@@ -166,13 +141,7 @@ def main() -> None:
         raise SystemExit(f"--classes {args.classes!r}: expected comma-separated class numbers 0-9")
     if not Path(args.config).is_file():
         raise SystemExit(f"config {args.config} not found; pass --config")
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="vae-anomaly-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log = work / "commands.log"
-    print(f"work dir {work} (command output in {log})", flush=True)
-    shards = work / "fashion-shards"
-    if not (shards / "index.json").is_file():
-        _vae_train("prepare", "fashion-mnist", "--out", str(shards), "--workers", "2", "--no-progress", log=log)
+    work, log, shards = fashion_mnist_work_dir(args.work_dir, "vae-anomaly-")
 
     results: dict[int, dict[str, float]] = {}
     seconds: dict[int, float] = {}

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,24 +32,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cli_runs import fashion_mnist_work_dir, vae_train  # noqa: E402
 from vae_train.data.datasets import FASHION_MNIST_CLASSES as CLASS_NAMES, FashionMnist  # noqa: E402
-
-
-def _vae_train(*args: str, log: Path) -> None:
-    """Run ``python -m vae_train ARGS`` (output to ``log``); a failure shows the log's tail."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with log.open("a") as f:
-        f.write(f"$ vae-train {' '.join(args)}\n")
-        f.flush()
-        status = subprocess.run([sys.executable, "-m", "vae_train", *args], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if status != 0:
-        tail = log.read_text().splitlines()[-20:]
-        raise SystemExit(f"vae-train {args[0]} failed (status {status}); last lines of {log}:\n" + "\n".join(tail))
 
 
 def _train(config: str, shards: Path, run_dir: Path, steps: int, overrides: list[str], log: Path) -> Path:
     """Train for ``steps`` steps; returns the final checkpoint directory."""
-    _vae_train("train", "--config", config, f"data.train={shards}", "data.val=", f"run_dir={run_dir}",
+    vae_train("train", "--config", config, f"data.train={shards}", "data.val=", f"run_dir={run_dir}",
                f"train.max_steps={steps}", f"checkpoint.every_steps={steps}", "resume=none",
                "logging.progress_bar=false", *overrides, log=log)
     return run_dir / "checkpoints" / f"step-{steps:08d}"
@@ -62,9 +48,9 @@ def quality(args: argparse.Namespace, work: Path, shards: Path, log: Path) -> di
     """Train the config for the budget; ELBO over the whole test split, IW-NLL on its first images."""
     checkpoint = _train(args.config, shards, work / "main-run", args.steps, args.overrides, log)
     full, iw = work / "eval-full.json", work / "eval-iw.json"
-    _vae_train("eval", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--out", str(full), log=log)
+    vae_train("eval", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--out", str(full), log=log)
     batch = min(100, args.iw_images)
-    _vae_train("eval", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--out", str(iw),
+    vae_train("eval", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--out", str(iw),
                "--iw-samples", str(args.iw_samples), "--batch-size", str(batch),
                "--max-batches", str(max(1, args.iw_images // batch)), log=log)
     return {"full": json.loads(full.read_text()), "iw": json.loads(iw.read_text())}
@@ -78,12 +64,12 @@ def one_class(args: argparse.Namespace, work: Path, shards: Path, log: Path) -> 
         npz = work / f"class{c}.npz"
         np.savez(npz, images=images[labels == c], labels=labels[labels == c].astype(np.int64))
         class_shards = work / f"class{c}-shards"
-        _vae_train("prepare", "arrays", str(npz), "--out", str(class_shards), "--workers", "1",
+        vae_train("prepare", "arrays", str(npz), "--out", str(class_shards), "--workers", "1",
                    "--val-fraction", "0.05", "--no-progress", "--overwrite", log=log)
         overrides = args.overrides + args.anomaly_overrides.split()
         checkpoint = _train(args.config, class_shards, work / f"class{c}-run", args.anomaly_steps, overrides, log)
         metrics = work / f"class{c}-score.json"
-        _vae_train("score", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--normal-classes", str(c),
+        vae_train("score", "--checkpoint", str(checkpoint), "--data", f"{shards}#test", "--normal-classes", str(c),
                    "--out", str(work / f"class{c}-scores.csv"), "--metrics-out", str(metrics),
                    "--max-images", str(args.anomaly_test_images), log=log)
         results[c] = json.loads(metrics.read_text())["auroc"]
@@ -108,13 +94,7 @@ def main() -> None:
     if not Path(args.config).is_file():
         raise SystemExit(f"config {args.config} not found; pass --config")
 
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="vae-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log = work / "commands.log"
-    print(f"work dir {work} (command output in {log})", flush=True)
-    shards = work / "fashion-shards"
-    if not (shards / "index.json").is_file():
-        _vae_train("prepare", "fashion-mnist", "--out", str(shards), "--workers", "2", "--no-progress", log=log)
+    work, log, shards = fashion_mnist_work_dir(args.work_dir, "vae-quality-")
 
     started = time.perf_counter()
     result = quality(args, work, shards, log)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.unit.checkpoint_parts import Counter
 from vae_train import checkpoint as ck
 from vae_train.checkpoint.fence import Fence, FencedError
 from vae_train.config import config_from_dict
@@ -15,22 +16,11 @@ from vae_train.storage import LocalStore
 pytestmark = pytest.mark.timeout(120)
 
 
-class _Counter:
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
 def _manager(tmp_path, run: str, remote: str = "", keep_last: int = 1, resume: str = "auto"):
     cfg = config_from_dict({"run_dir": str(tmp_path / run), "resume": resume,
                             "checkpoint": {"remote": remote, "keep_last": keep_last, "upload_deadline_s": 30}})
     manager = ck.CheckpointManager(cfg, rank=0, world_size=1, local_rank=0)
-    counter = _Counter()
+    counter = Counter()
     manager.register("trainer", counter)
     return manager, counter
 

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from tests.unit.checkpoint_parts import Counter
 from vae_train import checkpoint as ck
 from vae_train.config import config_from_dict
 
@@ -35,17 +36,6 @@ class _Ema:
         assert state["tag"] == [1, "a", None]
 
 
-class _Counter:
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
 def _cfg(tmp_path, name="run"):
     return config_from_dict({"run_dir": str(tmp_path / name), "checkpoint": {"every_steps": 1}})
 
@@ -56,7 +46,7 @@ def _manager(tmp_path, world_size=1, name="run"):
 
 def test_a_registered_part_round_trips_bitwise_with_the_rng(tmp_path):
     saver = _manager(tmp_path)
-    ema, counter = _Ema(seed=3), _Counter(41)
+    ema, counter = _Ema(seed=3), Counter(41)
     saver.register("ema", ema)
     saver.register("trainer", counter, resize=ck.Resize.REPLICATED)
     torch.manual_seed(123)
@@ -70,7 +60,7 @@ def test_a_registered_part_round_trips_bitwise_with_the_rng(tmp_path):
     assert ck.verify_local(path, manifest) == []
 
     loader = _manager(tmp_path)
-    restored, restored_counter = _Ema(seed=99), _Counter()
+    restored, restored_counter = _Ema(seed=99), Counter()
     loader.register("ema", restored)
     loader.register("trainer", restored_counter, resize=ck.Resize.REPLICATED)
     torch.manual_seed(0)
@@ -87,10 +77,10 @@ def test_a_registered_part_round_trips_bitwise_with_the_rng(tmp_path):
 
 def test_a_registered_part_missing_from_the_checkpoint_is_refused_by_name(tmp_path):
     saver = _manager(tmp_path)
-    saver.register("trainer", _Counter(5))
+    saver.register("trainer", Counter(5))
     path = saver.save(2)
     loader = _manager(tmp_path)
-    counter = _Counter()
+    counter = Counter()
     loader.register("trainer", counter)
     loader.register("ema", _Ema(seed=1))
     with pytest.raises(ck.CheckpointError) as err:
@@ -103,10 +93,10 @@ def test_a_registered_part_missing_from_the_checkpoint_is_refused_by_name(tmp_pa
 def test_registration_errors_are_clear(tmp_path):
     manager = _manager(tmp_path)
     with pytest.raises(ck.CheckpointError, match="lower-case"):
-        manager.register("Model/1", _Counter())
-    manager.register("trainer", _Counter())
+        manager.register("Model/1", Counter())
+    manager.register("trainer", Counter())
     with pytest.raises(ck.CheckpointError, match="registered twice"):
-        manager.register("trainer", _Counter())
+        manager.register("trainer", Counter())
     with pytest.raises(ck.CheckpointError, match="no state_dict"):
         manager.register("other", object())
     with pytest.raises(ck.CheckpointError, match="nothing to save"):
@@ -127,13 +117,13 @@ def test_registration_errors_are_clear(tmp_path):
 def test_resize_policies_at_another_world_size(tmp_path):
     # Saved "by 2 ranks" (this process is rank 0 of a world of 2 that has no peers: enough for the policies).
     saver = _manager(tmp_path, world_size=2)
-    saver.register("data", _Counter(10), resize=ck.Resize.RESTART)
-    saver.register("trainer", _Counter(20), resize=ck.Resize.REPLICATED)
-    saver.register("ema", _Counter(30))  # REFUSE by default
+    saver.register("data", Counter(10), resize=ck.Resize.RESTART)
+    saver.register("trainer", Counter(20), resize=ck.Resize.REPLICATED)
+    saver.register("ema", Counter(30))  # REFUSE by default
     path = saver.save(4)
 
     loader = _manager(tmp_path, world_size=1)
-    data, trainer, ema = _Counter(1), _Counter(2), _Counter(3)
+    data, trainer, ema = Counter(1), Counter(2), Counter(3)
     loader.register("data", data, resize=ck.Resize.RESTART)
     loader.register("trainer", trainer, resize=ck.Resize.REPLICATED)
     loader.register("ema", ema)
@@ -170,7 +160,7 @@ def test_a_format_1_checkpoint_verifies_but_is_refused_for_resume_naming_its_for
     manifest = ck.verified_manifest(old)  # still verifiable (and exportable)
     assert manifest.format == ck.FORMAT_V1 and manifest.parts == {}
     manager = ck.CheckpointManager(cfg, rank=0, world_size=1, local_rank=0)
-    manager.register("trainer", _Counter())
+    manager.register("trainer", Counter())
     for mode in ("auto", str(old)):
         with pytest.raises(ck.CheckpointError) as err:
             manager.resolve_resume(cfg.model_copy(update={"resume": mode}))
