@@ -175,3 +175,22 @@ def _load_remote(src: str, s3_cfg: S3Config | None, map_location: str) -> VAE:
             return load_model(tmp, map_location=map_location)
     with _local_checkpoint(src, s3_cfg) as ckpt_dir:
         return load_model(ckpt_dir, map_location=map_location)
+
+
+def initialize_from(model: VAE, src: str, s3_cfg: S3Config | None = None) -> None:
+    """Copy the weights of export (or checkpoint) ``src`` into ``model`` (``model.init_from``).
+
+    The export's architecture must give exactly ``model``'s parameters (names and shapes);
+    otherwise the error lists the ``model.*`` settings that differ, so the config can be fixed.
+    """
+    source = load_model(src, s3_cfg=s3_cfg)
+    theirs, ours = source.state_dict(), model.state_dict()
+    mismatched = sorted(k for k in set(theirs) | set(ours)
+                        if k not in theirs or k not in ours or theirs[k].shape != ours[k].shape)
+    if mismatched:
+        saved, current = source.config.model_dump(mode="json"), model.config.model_dump(mode="json")
+        fields = [f"model.{k}: export {saved[k]!r}, config {current[k]!r}" for k in sorted(saved)
+                  if k != "init_from" and saved[k] != current[k]]
+        raise ExportError(f"model.init_from={src} does not fit the configured model ({len(mismatched)} parameters "
+                          f"differ, e.g. {', '.join(mismatched[:3])}); settings that differ:\n  " + "\n  ".join(fields))
+    model.load_state_dict(theirs)

@@ -75,7 +75,10 @@ class ImportResult:
         """The ``model.*`` overrides a training config needs to start from this export."""
         keys = ("arch", "in_channels", "image_size", "block_out_channels", "layers_per_block", "latent_channels",
                 "norm_num_groups", "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv", "likelihood")
-        return [f"model.{k}={json.dumps(self.model[k]).replace(' ', '')}" for k in keys] + [
+        def text(value: Any) -> str:
+            return value if isinstance(value, str) else json.dumps(value).replace(" ", "")
+
+        return [f"model.{k}={text(self.model[k])}" for k in keys] + [
             f"model.init_from={self.out_dir}"]
 
 
