@@ -1,0 +1,72 @@
+"""Decoder-only fine-tuning of an imported AutoencoderKL: a real 2-rank ZeRO-3 run on Fashion-MNIST.
+
+A random diffusers ``AutoencoderKL`` (1 channel, the test extra) is saved locally and brought in with
+``vae-train import``; ``train.py`` starts from it (``model.init_from``) with ``train.trainable=decoder``
+under ZeRO-3 (the stage that partitions the parameters themselves). Afterwards the consolidated
+checkpoint's encoder and ``quant_conv`` equal the imported weights bitwise, every decoder tensor moved,
+the optimizer state covers only the decoder, and the checkpoint records what was frozen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.launching import clean_env, run, torchrun
+from vae_train.checkpoint.safe_load import restricted_torch_load
+from vae_train.cli import main as cli
+from vae_train.export import consolidated_state_dict, load_model
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+STEPS = 3
+
+
+def _exp_avg_numel(tree: object) -> int:
+    """Elements of every Adam ``exp_avg`` tensor in a (nested) optimizer state."""
+    if isinstance(tree, dict):
+        return sum(v.numel() if k == "exp_avg" and torch.is_tensor(v) else _exp_avg_numel(v) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return sum(_exp_avg_numel(v) for v in tree)
+    return 0
+
+
+def test_decoder_only_zero3_keeps_the_encoder_and_records_it(fashion_shards: Path, tmp_path: Path, capsys):
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=4, sample_size=28).save_pretrained(tmp_path / "vae")
+    assert cli(["import", str(tmp_path / "vae"), "--out", str(tmp_path / "init")]) == 0
+    overrides = capsys.readouterr().out.split("train from it with: ")[1].split()
+    run_dir = tmp_path / "run"
+    result = run(torchrun("train.py", "--config", "configs/tiny.yaml", f"run_dir={run_dir}",
+                          f"data.train={fashion_shards}", f"data.val={fashion_shards}", *overrides,
+                          "train.trainable=decoder", "distributed.zero_stage=3", f"train.max_steps={STEPS}",
+                          f"checkpoint.every_steps={STEPS}", "logging.image_every=0", "logging.histogram_every=0"),
+                 env=clean_env(), timeout_s=360)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    ckpt = run_dir / "checkpoints" / f"step-{STEPS:08d}"
+    trained, config = consolidated_state_dict(ckpt)
+    initial = load_model(tmp_path / "init").state_dict()
+    assert trained.keys() == initial.keys() and config["model"]["arch"] == "ldm"
+    frozen = [k for k in initial if k.startswith(("encoder.", "quant_conv."))]
+    assert "quant_conv.weight" in frozen and len(frozen) < len(initial)
+    assert [k for k in frozen if not torch.equal(trained[k], initial[k])] == []
+    assert [k for k in initial if k not in frozen and torch.equal(trained[k], initial[k])] == []
+
+    decoder_numel = sum(v.numel() for k, v in initial.items() if k not in frozen)
+    with restricted_torch_load():
+        optimizer_numel = sum(_exp_avg_numel(torch.load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                                                        map_location="cpu")) for r in (0, 1))
+    assert decoder_numel <= optimizer_numel <= decoder_numel + 2 * 16  # ZeRO pads each rank's flat partition
+
+    frozen_numel = sum(initial[k].numel() for k in frozen)
+    record = json.loads((ckpt / "trainer_state.rank00000.json").read_text())
+    assert record["parts"]["trainer"]["trainable"] == "decoder" == config["train"]["trainable"]
+    assert record["parts"]["trainer"]["frozen_numel"] == frozen_numel
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["frozen_numel"] == frozen_numel and info["parameters"] == decoder_numel
