@@ -70,3 +70,25 @@ def test_decoder_only_zero3_keeps_the_encoder_and_records_it(fashion_shards: Pat
     assert record["parts"]["trainer"]["frozen_numel"] == frozen_numel
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["frozen_numel"] == frozen_numel and info["parameters"] == decoder_numel
+
+
+def test_init_from_an_s3_export(s3_env, s3_bucket: str, tmp_path: Path):
+    """``model.init_from=s3://...``: the export is fetched and its weights copied into the configured model."""
+    from vae_train.config import ModelConfig, S3Config
+    from vae_train.export import initialize_from
+    from vae_train.interop import write_export
+    from vae_train.model import build_model
+    from vae_train.storage import open_store
+
+    cfg = ModelConfig(arch="ldm", in_channels=1, image_size=28, block_out_channels=[8, 16], layers_per_block=1,
+                      norm_num_groups=4, likelihood="gaussian_fixed")
+    torch.manual_seed(1)
+    source = build_model(cfg).state_dict()
+    write_export(tmp_path / "export", source, cfg, step=None, extra={}, latent_stats=None)
+    store = open_store(f"s3://{s3_bucket}/init", S3Config())
+    for name in ("model.safetensors", "config.json"):
+        store.put_file(tmp_path / "export" / name, name)
+    torch.manual_seed(2)
+    model = build_model(cfg)
+    initialize_from(model, f"s3://{s3_bucket}/init", S3Config())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items())

@@ -275,3 +275,17 @@ def test_import_then_sample_and_reconstruct_commands_use_the_export(tmp_path, ca
     assert cli(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "x"), "--format", "diffusers",
                 "--latent-stats", str(tmp_path / "missing.json")]) == 2
     assert "latent statistics file" in capsys.readouterr().err
+
+
+def test_init_from_refuses_another_architecture_naming_the_settings(tmp_path):
+    from vae_train.export import ExportError, initialize_from
+
+    _, folder = make_diffusers(tmp_path)
+    import_autoencoder(folder, tmp_path / "imported")
+    other = build_model(ModelConfig(arch="ldm", in_channels=3, image_size=16, block_out_channels=[8, 16, 32],
+                                    layers_per_block=1, norm_num_groups=4, likelihood="gaussian_fixed"))
+    with pytest.raises(ExportError, match=r"model.block_out_channels: export \[8, 16, 16\], config \[8, 16, 32\]"):
+        initialize_from(other, str(tmp_path / "imported"))
+    same = build_model(load_model(tmp_path / "imported").config)
+    initialize_from(same, str(tmp_path / "imported"))
+    assert_parity(diffusers.AutoencoderKL.from_pretrained(folder).eval(), same.eval(), batch())
