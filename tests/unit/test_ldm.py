@@ -129,3 +129,18 @@ def test_freeze_leaves_the_other_part_without_gradients(arch, trainable):
     assert all(params[n].grad is None for n in frozen)
     assert all(p.grad is not None for n, p in params.items() if n not in frozen)
     assert model.num_parameters() == sum(p.numel() for n, p in params.items() if n not in frozen)
+
+
+def test_bf16_weights_take_fp32_batches_and_match_fp32_closely():
+    """Under distributed.precision=bf16 DeepSpeed casts the weights; the attention softmax stays in float32."""
+    cfg = tiny()
+    model = build_model(cfg)
+    x = images(cfg)
+    with torch.no_grad():
+        reference = model.encode(x)[0]
+        low = model.to(torch.bfloat16).encode(x)[0]
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    out = model(x)
+    vae_loss(out, beta=1.0, free_bits=0.0).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in model.parameters())
