@@ -1,10 +1,11 @@
-"""Decoder-only fine-tuning of an imported AutoencoderKL: a real 2-rank ZeRO-3 run on Fashion-MNIST.
+"""Fine-tuning part of an imported AutoencoderKL: real 2-rank DeepSpeed runs on Fashion-MNIST.
 
 A random diffusers ``AutoencoderKL`` (1 channel, the test extra) is saved locally and brought in with
 ``vae-train import``; ``train.py`` starts from it (``model.init_from``) with ``train.trainable=decoder``
-under ZeRO-3 (the stage that partitions the parameters themselves). Afterwards the consolidated
-checkpoint's encoder and ``quant_conv`` equal the imported weights bitwise, every decoder tensor moved,
-the optimizer state covers only the decoder, and the checkpoint records what was frozen.
+under ZeRO-3 (the stage that partitions the parameters themselves) and ``train.trainable=encoder``
+under ZeRO-2 (frozen parameters kept outside the optimizer's flat partitions). Afterwards the
+consolidated checkpoint's frozen part equals the imported weights bitwise, every trained tensor moved,
+the optimizer state covers only the trained part, and the checkpoint records what was frozen.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def _exp_avg_numel(tree: object) -> int:
     return 0
 
 
-def test_decoder_only_zero3_keeps_the_encoder_and_records_it(fashion_shards: Path, tmp_path: Path, capsys):
+@pytest.mark.parametrize("stage,trainable", [(3, "decoder"), (2, "encoder")])
+def test_frozen_part_stays_bitwise_and_is_recorded(fashion_shards: Path, tmp_path: Path, capsys, stage: int,
+                                                   trainable: str):
     torch.manual_seed(0)
     diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
@@ -44,7 +47,7 @@ def test_decoder_only_zero3_keeps_the_encoder_and_records_it(fashion_shards: Pat
     run_dir = tmp_path / "run"
     result = run(torchrun("train.py", "--config", "configs/tiny.yaml", f"run_dir={run_dir}",
                           f"data.train={fashion_shards}", f"data.val={fashion_shards}", *overrides,
-                          "train.trainable=decoder", "distributed.zero_stage=3", f"train.max_steps={STEPS}",
+                          f"train.trainable={trainable}", f"distributed.zero_stage={stage}", f"train.max_steps={STEPS}",
                           f"checkpoint.every_steps={STEPS}", "logging.image_every=0", "logging.histogram_every=0"),
                  env=clean_env(), timeout_s=360)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -53,23 +56,24 @@ def test_decoder_only_zero3_keeps_the_encoder_and_records_it(fashion_shards: Pat
     trained, config = consolidated_state_dict(ckpt)
     initial = load_model(tmp_path / "init").state_dict()
     assert trained.keys() == initial.keys() and config["model"]["arch"] == "ldm"
-    frozen = [k for k in initial if k.startswith(("encoder.", "quant_conv."))]
-    assert "quant_conv.weight" in frozen and len(frozen) < len(initial)
+    frozen_prefixes = ("encoder.", "quant_conv.") if trainable == "decoder" else ("decoder.", "post_quant_conv.")
+    frozen = [k for k in initial if k.startswith(frozen_prefixes)]
+    assert f"{frozen_prefixes[1]}weight" in frozen and len(frozen) < len(initial)
     assert [k for k in frozen if not torch.equal(trained[k], initial[k])] == []
     assert [k for k in initial if k not in frozen and torch.equal(trained[k], initial[k])] == []
 
-    decoder_numel = sum(v.numel() for k, v in initial.items() if k not in frozen)
+    trained_numel = sum(v.numel() for k, v in initial.items() if k not in frozen)
     with restricted_torch_load():
         optimizer_numel = sum(_exp_avg_numel(torch.load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
                                                         map_location="cpu")) for r in (0, 1))
-    assert decoder_numel <= optimizer_numel <= decoder_numel + 2 * 16  # ZeRO pads each rank's flat partition
+    assert trained_numel <= optimizer_numel <= trained_numel + 2 * 16  # ZeRO pads each rank's flat partition
 
     frozen_numel = sum(initial[k].numel() for k in frozen)
     record = json.loads((ckpt / "trainer_state.rank00000.json").read_text())
-    assert record["parts"]["trainer"]["trainable"] == "decoder" == config["train"]["trainable"]
+    assert record["parts"]["trainer"]["trainable"] == trainable == config["train"]["trainable"]
     assert record["parts"]["trainer"]["frozen_numel"] == frozen_numel
     info = json.loads((run_dir / "run_info.json").read_text())
-    assert info["frozen_numel"] == frozen_numel and info["parameters"] == decoder_numel
+    assert info["frozen_numel"] == frozen_numel and info["parameters"] == trained_numel
 
 
 def test_init_from_an_s3_export(s3_env, s3_bucket: str, tmp_path: Path):
