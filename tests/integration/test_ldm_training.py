@@ -75,6 +75,19 @@ def test_frozen_part_stays_bitwise_and_is_recorded(fashion_shards: Path, tmp_pat
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["frozen_numel"] == frozen_numel and info["parameters"] == trained_numel
 
+    if trainable != "decoder":
+        return
+    # The fine-tuned checkpoint itself exports to diffusers, which then decodes exactly like vae-train.
+    assert cli(["export", str(ckpt), "--out", str(tmp_path / "diffusers"), "--format", "diffusers"]) == 0
+    assert "latent statistics ABSENT" in capsys.readouterr().out
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "diffusers").eval()
+    ours = load_model(ckpt)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mu, _ = ours.encode(x)
+        torch.testing.assert_close(mu, theirs.encode(x).latent_dist.mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.decode(mu), theirs.decode(mu).sample, rtol=0, atol=1e-5)
+
 
 def test_init_from_an_s3_export(s3_env, s3_bucket: str, tmp_path: Path):
     """``model.init_from=s3://...``: the export is fetched and its weights copied into the configured model."""
