@@ -314,8 +314,8 @@ def read_latent_stats(path: str | Path) -> dict[str, Any]:
     return stats
 
 
-def _resolve_stats(src: str, stats_file: str | None, channels: int) -> tuple[dict[str, Any], str]:
-    """(the diffusers latent fields to write, a sentence saying where they came from)."""
+def _resolve_stats(src: str, stats_file: str | None, channels: int) -> tuple[dict[str, Any], str, bool]:
+    """(the diffusers latent fields to write, a sentence saying where they came from, whether they are known)."""
     if stats_file:
         stats, origin = read_latent_stats(stats_file), f"from {stats_file}"
     elif not src.startswith("s3://") and (Path(src) / LATENT_STATS_FILE).is_file():
@@ -323,7 +323,7 @@ def _resolve_stats(src: str, stats_file: str | None, channels: int) -> tuple[dic
     else:
         return ({"scaling_factor": 1.0, "shift_factor": None, "latents_mean": None, "latents_std": None},
                 "latent statistics ABSENT: scaling_factor=1.0 (no scaling), shift_factor/latents_mean/latents_std "
-                "unset; measure them with `vae-train latent-stats` and export again with --latent-stats FILE")
+                "unset; measure them with `vae-train latent-stats` and export again with --latent-stats FILE", False)
     for key in ("latents_mean", "latents_std"):
         if stats.get(key) is not None and len(stats[key]) != channels:
             raise InteropError(f"latent statistics {key} has {len(stats[key])} entries for {channels} latent channels")
@@ -331,7 +331,7 @@ def _resolve_stats(src: str, stats_file: str | None, channels: int) -> tuple[dic
     if filled["scaling_factor"] is None:
         filled["scaling_factor"] = 1.0
         origin += " (no scaling_factor in it: 1.0 written)"
-    return filled, origin
+    return filled, origin, True
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -376,7 +376,7 @@ def export_autoencoder(src: str, out: str | Path, fmt: str, *, latent_stats: str
     model = load_model(src, s3_cfg=s3_cfg)
     cfg = model.config
     check_exportable(cfg)
-    stats, origin = _resolve_stats(src, latent_stats, cfg.latent_channels)
+    stats, origin, measured = _resolve_stats(src, latent_stats, cfg.latent_channels)
     weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     out = Path(out)
     if fmt == "diffusers":
@@ -389,8 +389,9 @@ def export_autoencoder(src: str, out: str | Path, fmt: str, *, latent_stats: str
             raise InteropError(f"--format ldm writes one file: --out must end in .safetensors, got {out}")
         ldm = diffusers_to_ldm(weights, len(cfg.block_out_channels))
         known = {k: v for k, v in stats.items() if v is not None}
-        metadata = {"format": LDM_FORMAT, "model": json.dumps(cfg.model_dump(mode="json")),
-                    "latent_stats": json.dumps(known) if latent_stats or origin.startswith("from") else ""}
+        model_fields = {**cfg.model_dump(mode="json"), "init_from": ""}  # the file is the weights now
+        metadata = {"format": LDM_FORMAT, "model": json.dumps(model_fields),
+                    "latent_stats": json.dumps(known) if measured else ""}
         write_atomic(out, save(ldm, metadata=metadata))
         return out, origin
     raise InteropError(f"unknown export format {fmt!r}; choose diffusers or ldm")

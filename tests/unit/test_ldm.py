@@ -132,7 +132,7 @@ def test_freeze_leaves_the_other_part_without_gradients(arch, trainable):
 
 
 def test_bf16_weights_take_fp32_batches_and_match_fp32_closely():
-    """Under distributed.precision=bf16 DeepSpeed casts the weights; the attention softmax stays in float32."""
+    """Under distributed.precision=bf16 DeepSpeed casts the weights; fp32 batches are cast to them."""
     cfg = tiny()
     model = build_model(cfg)
     x = images(cfg)

@@ -76,7 +76,9 @@ class SelfAttention(nn.Module):
     """Single-head self-attention over all positions, with a residual (the mid block's ``Attention``).
 
     Linear ``to_q/to_k/to_v/to_out.0`` as in diffusers (LDM files hold them as 1x1 convolutions;
-    the key mapping reshapes). The softmax runs in float32 (diffusers' ``upcast_softmax``).
+    the key mapping reshapes). ``scaled_dot_product_attention`` (as diffusers' default processor):
+    on a GPU its fused kernels never hold the (HW x HW) score matrix, which at 1024 px and a
+    factor of 8 would be 1 GiB per image in float32, and they accumulate the softmax in float32.
     """
 
     def __init__(self, channels: int, groups: int) -> None:
@@ -90,10 +92,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
-        q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-        scores = torch.bmm(q.float(), k.float().transpose(1, 2)) * (1.0 / math.sqrt(c))
-        attn = scores.softmax(dim=-1).to(v.dtype)
-        out = self.to_out[0](torch.bmm(attn, v))
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # one head
+        out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
