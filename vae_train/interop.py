@@ -235,6 +235,8 @@ def _read_source(src: Path, image_size: int | None, norm_num_groups: int | None
         if image_size:
             fields["image_size"] = image_size
         stats = json.loads(metadata["latent_stats"]) if metadata.get("latent_stats") else None
+        if stats is not None:
+            stats["source"] = f"the metadata of {src} (written by vae-train export --format ldm)"
         return "ldm", fields, ldm_to_diffusers(state, len(fields["block_out_channels"])), stats, notes
     fields, inferred = _infer_ldm_config(state, image_size, norm_num_groups)
     kind = "ldm" if fields["use_quant_conv"] else "flux"

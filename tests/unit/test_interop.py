@@ -186,8 +186,15 @@ def test_ldm_single_file_imports_with_parity_and_exports_back(tmp_path):
     out, _ = export_autoencoder(str(tmp_path / "imported"), tmp_path / "again.safetensors", "ldm")
     written = load_file(str(out))
     assert written.keys() == ldm.keys() and all(torch.equal(written[k], ldm[k]) for k in ldm)
-    # the file carries its config: no norm_num_groups needed to read it back
-    assert import_autoencoder(out, tmp_path / "reimported").model["norm_num_groups"] == 4
+    # the file carries its config (no norm_num_groups needed to read it back) and the latent statistics
+    (tmp_path / "stats.json").write_text(json.dumps({"scaling_factor": 0.25, "shift_factor": -0.5}))
+    out, _ = export_autoencoder(str(tmp_path / "imported"), tmp_path / "stats.safetensors", "ldm",
+                                latent_stats=str(tmp_path / "stats.json"))
+    back = import_autoencoder(out, tmp_path / "reimported")
+    assert back.model["norm_num_groups"] == 4 and back.model["init_from"] == ""
+    assert {k: v for k, v in back.latent_stats.items() if k != "source"} == {"scaling_factor": 0.25, "shift_factor": -0.5}
+    assert cli(["import", str(out), "--out", str(tmp_path / "cli")]) == 0  # prints where the statistics came from
+    assert json.loads((tmp_path / "reimported" / "latent_stats.json").read_text())["shift_factor"] == -0.5
 
 
 def test_whole_sd_ckpt_is_read_weights_only_and_training_extras_are_reported(tmp_path):

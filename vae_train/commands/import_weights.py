@@ -35,6 +35,6 @@ def run(args: argparse.Namespace) -> int:
         print("  latent statistics: ABSENT in the source (measure them with `vae-train latent-stats`)")
     else:
         shown = {k: v for k, v in result.latent_stats.items() if k != "source"}
-        print(f"  latent statistics: {shown} ({result.latent_stats['source']})")
+        print(f"  latent statistics: {shown} (from {result.latent_stats.get('source', 'the source')})")
     print("  train from it with: " + " ".join(result.overrides()))
     return 0
