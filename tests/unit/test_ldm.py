@@ -144,3 +144,12 @@ def test_bf16_weights_take_fp32_batches_and_match_fp32_closely():
     out = model(x)
     vae_loss(out, beta=1.0, free_bits=0.0).loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad.float()).all() for p in model.parameters())
+
+
+def test_last_decoder_layer_produces_the_decoder_output():
+    """The layer an adaptive GAN weight reads is the one whose output is the likelihood's parameters."""
+    model = build_model(tiny()).eval()
+    seen = {}
+    model.last_decoder_layer().register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    z = torch.randn(1, *model.latent_shape)
+    torch.testing.assert_close(model.decode(z), seen["out"], rtol=0, atol=0)

@@ -252,6 +252,10 @@ class AutoencoderKL(nn.Module):
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def last_decoder_layer(self) -> nn.Conv2d:
+        """The decoder's output conv: where an adversarial term's adaptive weight is measured (as in LDM)."""
+        return self.decoder.conv_out
+
     def _check(self, x: torch.Tensor, check_range: bool = True) -> None:
         """Reject batches of the wrong rank, channels, size (not divisible by the factor) or dtype, and range."""
         cfg = self.config
