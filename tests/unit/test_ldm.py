@@ -153,3 +153,15 @@ def test_last_decoder_layer_produces_the_decoder_output():
     model.last_decoder_layer().register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
     z = torch.randn(1, *model.latent_shape)
     torch.testing.assert_close(model.decode(z), seen["out"], rtol=0, atol=0)
+
+
+def test_the_autoregressive_decoder_interface_is_the_plain_decoder():
+    """decode(z, x) / context / generate: the shared signature that autoregressive ConvVAE decoders use."""
+    cfg = tiny()
+    model = build_model(cfg).eval()
+    x = images(cfg)
+    z = torch.randn(2, *model.latent_shape)
+    assert not model.is_autoregressive and model.context(x) is None
+    torch.testing.assert_close(model.decode(z, x), model.decode(z), rtol=0, atol=0)
+    torch.testing.assert_close(model.decode(z, context=None), model.decode(z), rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(z), model.decode(z).clamp(-1, 1), rtol=0, atol=0)

@@ -301,11 +301,27 @@ class AutoencoderKL(nn.Module):
         self._check(x)
         return self._moments(x.to(self.encoder.conv_in.weight.dtype))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters (with ``gaussian_fixed``: the image) for latents ``z``."""
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None, *, context: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Likelihood parameters (with ``gaussian_fixed``: the image) for latents ``z``.
+
+        ``x``/``context`` are the image an autoregressive decoder would condition on (the
+        shared signature); this decoder's pixels are independent given ``z``, so it ignores them.
+        """
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    is_autoregressive = False  # p(x|z) never depends on the image's own pixels here
+
+    def context(self, target: torch.Tensor) -> None:
+        """No autoregressive path: nothing of p(x|z) depends on the image itself."""
+        return None
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in the data range for latents ``z`` (the likelihood's mean; ``generator`` unused)."""
+        return self.likelihood.mean(self.decode(z))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, check_range: bool = True
                 ) -> VAEOutput:
@@ -333,7 +349,7 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"sample needs n >= 1 and temperature >= 0, got n={n}, temperature={temperature}")
         device = next(self.parameters()).device
         z = torch.randn((n, *self.latent_shape), generator=generator, device=device) * temperature
-        return self.likelihood.mean(self.decode(z.to(self.encoder.conv_in.weight.dtype)))
+        return self.generate(z.to(self.encoder.conv_in.weight.dtype))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
