@@ -207,10 +207,14 @@ def _read_source(src: Path, image_size: int | None, norm_num_groups: int | None
     """(format, ModelConfig fields, diffusers-named weights, latent stats, notes) of an import source."""
     from vae_train.model.ldm_keys import ldm_to_diffusers
 
+    notes: list[str] = []
     if src.is_dir():
+        if not (src / DIFFUSERS_CONFIG).is_file() and (src / "vae" / DIFFUSERS_CONFIG).is_file():
+            src = src / "vae"  # a whole diffusers pipeline keeps its autoencoder there
+            notes.append(f"took the pipeline's autoencoder in {src}")
         if not (src / DIFFUSERS_CONFIG).is_file():
-            raise InteropError(f"{src} is a directory without {DIFFUSERS_CONFIG}: not a diffusers AutoencoderKL folder "
-                               "(a whole pipeline keeps its VAE in the vae/ subfolder)")
+            raise InteropError(f"{src} is a directory without {DIFFUSERS_CONFIG} (nor vae/{DIFFUSERS_CONFIG}): not a "
+                               "diffusers AutoencoderKL folder")
         weights = src / DIFFUSERS_WEIGHTS
         if not weights.is_file():
             weights = src / DIFFUSERS_PICKLED_WEIGHTS
@@ -225,7 +229,7 @@ def _read_source(src: Path, image_size: int | None, norm_num_groups: int | None
             raise InteropError(f"norm_num_groups={norm_num_groups} contradicts the diffusers config's "
                                f"{fields['norm_num_groups']}")
         state, _ = _load_file(weights)
-        return "diffusers", fields, state, _stats_from_diffusers(config, str(src)), []
+        return "diffusers", fields, state, _stats_from_diffusers(config, str(src)), notes
     if not src.is_file():
         raise InteropError(f"{src} does not exist")
     state, metadata = _load_file(src)

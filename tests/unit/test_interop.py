@@ -136,8 +136,11 @@ def test_key_mapping_lists_unknown_names():
 
 def test_diffusers_import_export_parity_and_lossless_round_trip(tmp_path):
     reference, folder = make_diffusers(tmp_path)
-    result = import_autoencoder(folder, tmp_path / "imported")
+    folder.rename(tmp_path / "vae")  # as in a whole pipeline's folder: PIPELINE/vae/
+    folder = tmp_path / "vae"
+    result = import_autoencoder(tmp_path, tmp_path / "imported")
     assert result.source_format == "diffusers" and result.model["block_out_channels"] == list(WIDTHS)
+    assert result.notes == [f"took the pipeline's autoencoder in {folder}"]
     model = load_model(tmp_path / "imported")
     assert model.config.arch == "ldm"
     assert_parity(reference, model, batch())
