@@ -1,9 +1,8 @@
 """``vae-train import SRC --out DIR [--image-size N] [--norm-num-groups G]``: a published autoencoder -> an export.
 
 SRC: a diffusers ``AutoencoderKL`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``; a whole
-pipeline folder: its ``vae/``), an
-LDM / Stable Diffusion single file (``.safetensors``; a pickled ``.ckpt`` only through
-``torch.load(weights_only=True)``), or FLUX's ``ae.safetensors``. DIR is a vae-train export
+pipeline folder: its ``vae/``), an LDM / Stable Diffusion single file (``.safetensors``; a pickled ``.ckpt``
+only through ``torch.load(weights_only=True)``), or FLUX's ``ae.safetensors``. DIR is a vae-train export
 (``model.arch: ldm``): ``vae_train.load_model(DIR)``, ``vae-train eval/sample/reconstruct --checkpoint DIR``,
 and ``model.init_from=DIR`` for training. Unknown, missing or mis-shaped weights are an error listing them.
 """
