@@ -61,8 +61,8 @@ class ModelConfig(Section):
     init_from: str = Field(
         "",
         description="Start a fresh run from the weights of an export directory (vae-train export or vae-train "
-        "import; local or s3://); its architecture must equal this model section's. Ignored when resuming "
-        "from a checkpoint. Empty = random initialization.",
+        "import; local or s3://); its architecture must equal this model section's. Read at every start; a "
+        "resumed run's checkpoint weights then replace it. Empty = random initialization.",
     )
     in_channels: int = Field(1, ge=1, le=16, description="Image channels (1 grayscale, 3 RGB).")
     image_size: int = Field(28, ge=4, le=4096, description="Height and width of the (square) input images in pixels.")
