@@ -189,6 +189,9 @@ def test_ldm_single_file_imports_with_parity_and_exports_back(tmp_path):
     out, _ = export_autoencoder(str(tmp_path / "imported"), tmp_path / "again.safetensors", "ldm")
     written = load_file(str(out))
     assert written.keys() == ldm.keys() and all(torch.equal(written[k], ldm[k]) for k in ldm)
+    # diffusers' own LDM single-file converter (an independent mapping) reads the file to the same model
+    single = diffusers.AutoencoderKL.from_single_file(str(out), config=str(tmp_path / "d"), local_files_only=True)
+    assert_parity(single.eval(), load_model(tmp_path / "imported"), batch())
     # the file carries its config (no norm_num_groups needed to read it back) and the latent statistics
     (tmp_path / "stats.json").write_text(json.dumps({"scaling_factor": 0.25, "shift_factor": -0.5}))
     out, _ = export_autoencoder(str(tmp_path / "imported"), tmp_path / "stats.safetensors", "ldm",
