@@ -302,3 +302,11 @@ def test_init_from_refuses_another_architecture_naming_the_settings(tmp_path):
     same = build_model(load_model(tmp_path / "imported").config)
     initialize_from(same, str(tmp_path / "imported"))
     assert_parity(diffusers.AutoencoderKL.from_pretrained(folder).eval(), same.eval(), batch())
+
+
+def test_pickled_diffusers_weights_are_read_weights_only(tmp_path):
+    reference, _ = make_diffusers(tmp_path)
+    reference.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").is_file()
+    import_autoencoder(tmp_path / "bin", tmp_path / "imported")
+    assert_parity(reference, load_model(tmp_path / "imported"), batch())
