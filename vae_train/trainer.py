@@ -285,7 +285,8 @@ def _build_streams(cfg: Config, engine: Engine) -> tuple[Any, Any]:
         world_size=engine.env.world_size,
         s3_cfg=cfg.s3,
     )
-    train_stream = build_train_stream(cfg.data, micro_batch_size=engine.plan.micro_batch_size, seed=cfg.seed, **common)
+    train_stream = build_train_stream(cfg.data, micro_batch_size=engine.plan.micro_batch_size, seed=cfg.seed,
+                                      size_multiple=cfg.model.downsampling_factor, **common)
     val_stream = build_val_stream(cfg.data, batch_size=cfg.data.val_batch_size, **common) if cfg.data.val else None
     return train_stream, val_stream
 
