@@ -395,7 +395,11 @@ def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_fr
 
     info = engine.info()
     reparam = ops.backend() if cfg.model.reparam == "fused" else "reference"
-    info.update(parameters=num_parameters, reparam_backend=reparam, resumed_from=resumed_from)
+    from vae_train.model.activation_checkpointing import is_checkpointed
+
+    checkpointed = sum(is_checkpointed(m) for m in engine.module.modules())
+    info.update(parameters=num_parameters, reparam_backend=reparam, resumed_from=resumed_from,
+                checkpointed_blocks=checkpointed, channels_last=cfg.model.channels_last, compiled=cfg.model.compile)
     if engine.env.rank != 0:
         return
     run_dir = Path(cfg.run_dir)
