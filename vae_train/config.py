@@ -86,8 +86,8 @@ class ModelConfig(Section):
         "of storing them: less activation memory for about one more forward pass of compute.",
     )
     channels_last: bool = Field(
-        False, description="Keep weights and activations in channels-last (NHWC) memory format (faster convolutions "
-        "on tensor-core GPUs; same results up to floating-point rounding).",
+        False, description="Run the network's activations in channels-last (NHWC) memory format (faster convolutions "
+        "on tensor-core GPUs; same results up to floating-point rounding). Weights stay contiguous (DeepSpeed needs it).",
     )
     compile: bool = Field(
         False, description="torch.compile the encoder and decoder in place (state-dict names unchanged); the first "

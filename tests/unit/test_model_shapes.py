@@ -203,8 +203,13 @@ def test_channels_last_computes_the_same_function() -> None:
     plain = ConvVAE(tiny(image_size=[16, 24]))
     torch.manual_seed(0)
     nhwc = ConvVAE(tiny(image_size=[16, 24], channels_last=True))
-    assert nhwc.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     x = (torch.rand(4, 1, 16, 24, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    seen = []
+    for layer in (nhwc.encoder.norm_out, nhwc.decoder.norm_out):  # the last multi-channel activations
+        layer.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(
+            memory_format=torch.channels_last) and not o.is_contiguous()))
+    nhwc(x)
+    assert seen == [True, True]  # encoder and decoder ran channels-last to their ends (1-channel input/output)
     loss_a, grads_a = _grads(plain, x, seed=5)
     loss_b, grads_b = _grads(nhwc, x, seed=5)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-4)

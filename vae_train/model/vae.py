@@ -184,6 +184,11 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z)))))
 
 
+def _to_channels_last(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the layer's output in channels-last memory format (``model.channels_last``)."""
+    return output.contiguous(memory_format=torch.channels_last)
+
+
 class ConvVAE(nn.Module):
     """Convolutional VAE built from a :class:`~vae_train.config.ModelConfig`.
 
@@ -225,7 +230,13 @@ class ConvVAE(nn.Module):
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self, (ResBlock,))
         if cfg.channels_last:
-            self.to(memory_format=torch.channels_last)
+            # Activations only: the first convolution of the encoder and of the decoder hands on its output
+            # channels-last, and convolutions, GroupNorm, SiLU and upsampling keep that format, so the network
+            # runs NHWC. Converting the input instead would do nothing for 1-channel images (NCHW and NHWC
+            # strides coincide), and the weights stay contiguous because DeepSpeed views every parameter as
+            # bytes to broadcast and partition it, which a channels-last weight (last stride != 1) refuses.
+            for conv in (self.encoder.conv_in, self.decoder.conv_in):
+                conv.register_forward_hook(_to_channels_last)
         if cfg.compile:
             self.encoder.compile()
             self.decoder.compile()
@@ -347,24 +358,23 @@ class ConvVAE(nn.Module):
         """Check ``x`` once and return (network input, likelihood target).
 
         The network input takes the weights' dtype (bf16/fp16 models accept fp32
-        batches) and, with ``model.channels_last``, that memory format; the target keeps
+        batches); the target keeps
         the data's precision, so 8-bit levels stay exact. Only ``image_size`` inputs go
         through ``size_mode``; other (divisible) sizes pass as they are.
         """
         self._check(x, check_range)
         geo = self._geometry
         net_dtype = self.encoder.conv_in.weight.dtype
-        fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
         if tuple(x.shape[2:]) != self.config.hw or geo.network == self.config.hw:
-            return x.to(net_dtype, memory_format=fmt), x
+            return x.to(net_dtype), x
         (nh, nw), (top, left) = geo.network, geo.offset
         if self.config.size_mode == "pad":
             height, width = self.config.hw
             background = self.likelihood.value_range[0]
             padding = (left, nw - width - left, top, nh - height - top)
-            return F.pad(x, padding, value=background).to(net_dtype, memory_format=fmt), x
+            return F.pad(x, padding, value=background).to(net_dtype), x
         cropped = x[:, :, top : top + nh, left : left + nw]  # crop mode
-        return cropped.to(net_dtype, memory_format=fmt), cropped
+        return cropped.to(net_dtype), cropped
 
     def _unpad(self, params: torch.Tensor) -> torch.Tensor:
         """Drop the pad-mode padding from decoder output at the padded training size (else unchanged)."""
