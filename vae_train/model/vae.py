@@ -395,10 +395,29 @@ class ConvVAE(nn.Module):
         (``[B, *latent_shape]`` for ``image_size`` inputs)."""
         return self._encode_net(self._prepare(x)[0])
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters for latents ``z``; a latent of ``latent_shape`` decodes to the image the
-        model describes (pad mode's padding dropped), other latent sizes to ``f`` times their size."""
-        return self._decode_for(z, None)
+    def decode(self, z: torch.Tensor, image_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Likelihood parameters for latents ``z`` of images of size ``image_hw`` (H, W).
+
+        Without ``image_hw``: a latent of ``latent_shape`` decodes to the image the model
+        describes (pad mode's padding dropped), other latent sizes to ``f`` times their
+        size. Give ``image_hw`` when decoding the latent of an image that is not
+        ``image_size`` (the one ambiguous case: a pad-mode model and an input of exactly
+        the padded size, whose latent has ``latent_shape`` too).
+        """
+        return self._decode_for(z, None if image_hw is None else (int(image_hw[0]), int(image_hw[1])))
+
+    def latent_shape_for(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+        """The latent shape (C, h, w) of an ``image_hw`` (H, W) input (``latent_shape`` for ``image_size``)."""
+        if tuple(image_hw) == self.config.hw:
+            return self.latent_shape
+        factor = self.config.downsampling_factor
+        return (self.config.latent_channels, image_hw[0] // factor, image_hw[1] // factor)
+
+    def num_dims_for(self, image_hw: tuple[int, int]) -> int:
+        """Pixels x channels the likelihood scores for an ``image_hw`` (H, W) input (``num_dims`` for ``image_size``)."""
+        if tuple(image_hw) == self.config.hw:
+            return self.num_dims
+        return self.config.in_channels * image_hw[0] * image_hw[1]
 
     def _decode_for(self, z: torch.Tensor, image_hw: tuple[int, int] | None) -> torch.Tensor:
         """Decode ``z``; drop pad-mode padding when it came from an ``image_size`` input (or, with
