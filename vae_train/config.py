@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vae_train.errors import VaeTrainError
 
@@ -93,6 +93,16 @@ class ModelConfig(Section):
         False, description="torch.compile the encoder and decoder in place (state-dict names unchanged); the first "
         "steps pay the compilation, and each new input shape (aspect bucket) compiles once more.",
     )
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _image_size_form(cls, value: Any) -> Any:
+        """One clear message for a malformed size (instead of one per member of the union)."""
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, (list, tuple)) and len(value) == 2
+                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
+            raise ValueError(f"must be an int (square) or [H, W] of two ints, got {value!r}")
+        return value
 
     @property
     def hw(self) -> tuple[int, int]:

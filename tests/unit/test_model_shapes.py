@@ -227,3 +227,17 @@ def test_compile_is_in_place_and_keeps_the_names() -> None:
     assert list(plain.state_dict()) == list(compiled.state_dict())
     assert compiled.encoder._compiled_call_impl is not None and compiled.decoder._compiled_call_impl is not None
     assert plain.encoder._compiled_call_impl is None
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("[1,2,3]", r"must be an int \(square\) or \[H, W\] of two ints, got \[1, 2, 3\]"),
+    ("big", "must be an int"),
+    ("[2,64]", r"sides must be in 4..4096, got \[2, 64\]"),
+])
+def test_image_size_config_errors(value: str, message: str) -> None:
+    from vae_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"model.image_size={value}"])
+    assert load_config(None, ["model.image_size=[32,48]"]).model.hw == (32, 48)
+    assert load_config(None, ["model.image_size=64"]).model.hw == (64, 64)
