@@ -4,8 +4,8 @@ The trainer (``torchrun train.py``, ZeRO-2, fp32, the fused op required) trains
 ``configs/tiny.yaml`` made RGB (logistic likelihood) on scikit-image's non-square
 photos (:mod:`tests.fixtures.photos`) with three buckets, random crops and flips,
 gradient checkpointing and channels-last on, and validates at ``model.image_size``.
-Then a second run resumes from the first run's step-3 checkpoint -- part-filled
-buckets included, read back from their shards -- and must end at step 6 with weights
+Then a second run resumes from the first run's step-2 checkpoint -- part-filled
+buckets included, read back from their shards -- and must end at step 4 with weights
 bitwise equal to the uninterrupted run's.
 """
 
@@ -31,7 +31,7 @@ def _train(shards: Path, run_dir: Path, *extra: str) -> str:
                    "model.gradient_checkpointing=true", "model.channels_last=true", f"data.aspect_buckets={BUCKETS}",
                    "data.resize=true", "data.random_crop=true", "data.random_flip=true", "data.shuffle_buffer=8",
                    "data.num_workers=1", "distributed.zero_stage=2", "distributed.precision=fp32",
-                   "train.max_steps=6", "train.global_batch_size=8", "checkpoint.every_steps=3",
+                   "train.max_steps=4", "train.global_batch_size=8", "checkpoint.every_steps=2",
                    "logging.image_every=0", "logging.histogram_every=0", *extra, nproc=2)
     done = run(cmd, env=clean_env(VAE_TRAIN_REQUIRE_FUSED="1"), timeout_s=400)
     assert done.returncode == 0, (done.stdout or "")[-4000:] + (done.stderr or "")[-4000:]
@@ -43,21 +43,21 @@ def test_two_ranks_train_on_buckets_and_resume_exactly(photo_shards, tmp_path: P
     _train(photo_shards.path, first)
     rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["split"] == "train"]
-    assert [row["step"] for row in train_rows] == list(range(1, 7))
+    assert [row["step"] for row in train_rows] == list(range(1, 5))
     assert all(math.isfinite(row["loss"]) for row in train_rows)
     assert any(row["split"] == "val" and math.isfinite(row["nelbo_nats"]) for row in rows)
     info = json.loads((first / "run_info.json").read_text())
     assert info["checkpointed_blocks"] > 0 and info["channels_last"] is True
 
-    # the data part of the step-3 checkpoint holds each rank's part-filled buckets by reference
+    # the data part of the step-2 checkpoint holds each rank's part-filled buckets by reference
     from vae_train.checkpoint.manifest import trainer_state_files
 
-    step3 = first / "checkpoints" / "step-00000003"
-    states = [json.loads((step3 / trainer_state_files(rank)[0]).read_text())["parts"]["data"] for rank in (0, 1)]
+    step2 = first / "checkpoints" / "step-00000002"
+    states = [json.loads((step2 / trainer_state_files(rank)[0]).read_text())["parts"]["data"] for rank in (0, 1)]
     assert all(s["aspect_buckets"] == [[24, 40], [40, 24], [32, 32]] for s in states)
     assert all(w is None or "pending" in w for s in states for w in s["workers"])
 
     resumed = tmp_path / "resumed"
-    _train(photo_shards.path, resumed, f"resume={first / 'checkpoints' / 'step-00000003'}")
-    assert_same_tensors(weights(first / "checkpoints" / "step-00000006"),
-                        weights(resumed / "checkpoints" / "step-00000006"), "weights after resuming on buckets")
+    _train(photo_shards.path, resumed, f"resume={first / 'checkpoints' / 'step-00000002'}")
+    assert_same_tensors(weights(first / "checkpoints" / "step-00000004"),
+                        weights(resumed / "checkpoints" / "step-00000004"), "weights after resuming on buckets")
