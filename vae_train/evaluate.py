@@ -84,7 +84,7 @@ def iw_nll(
         z = mu32 + std * eps
         # log p(z) - log q(z|x) for standard-normal prior and diagonal posterior (constants cancel).
         log_prior_ratio = (0.5 * (eps.square() - z.square()) + 0.5 * lv).flatten(2).sum(2)
-        params = model.decode(z.flatten(0, 1).to(mu.dtype), image_hw=tuple(x.shape[2:]))
+        params = model.decode(z.flatten(0, 1).to(mu.dtype))
         repeated = target.unsqueeze(0).expand(m, *target.shape).flatten(0, 1)
         log_px = model.likelihood.log_prob(repeated, params).view(m, batch)
         log_w = (log_px + log_prior_ratio).double()
@@ -205,7 +205,7 @@ def score_images(
     out = model(x, generator=generator)
     target = model.target(x)
     lo, hi = model.likelihood.value_range
-    recon_images = model.likelihood.mean(model.decode(out.mu, image_hw=tuple(x.shape[2:])))
+    recon_images = model.likelihood.mean(model.decode(out.mu))
     as_unit = lambda t: (t.double() - lo) / (hi - lo)  # noqa: E731
     scores = {
         "recon": out.recon_nll.double(),

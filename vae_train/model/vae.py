@@ -340,6 +340,14 @@ class ConvVAE(nn.Module):
                 f"{height}x{width} and otherwise takes sides divisible by its downsampling factor {factor}; "
                 "set model.image_size, or resize/crop the data (data.resize=true)"
             )
+        geo = self._geometry
+        if geo.network != geo.output and tuple(x.shape[2:]) == geo.network:
+            # pad mode: its latent would look like a padded image_size one, and decode(z) would crop it
+            raise InputShapeError(
+                f"images are {x.shape[2]}x{x.shape[3]}, the size model.size_mode=pad pads model.image_size="
+                f"{height}x{width} to; the model cannot tell them from padded ones: give {height}x{width} images, "
+                "or any other size divisible by the downsampling factor"
+            )
         if not x.is_floating_point():
             raise InputShapeError(
                 f"images have dtype {x.dtype}; the model takes floating-point pixels in "
@@ -395,16 +403,10 @@ class ConvVAE(nn.Module):
         (``[B, *latent_shape]`` for ``image_size`` inputs)."""
         return self._encode_net(self._prepare(x)[0])
 
-    def decode(self, z: torch.Tensor, image_hw: tuple[int, int] | None = None) -> torch.Tensor:
-        """Likelihood parameters for latents ``z`` of images of size ``image_hw`` (H, W).
-
-        Without ``image_hw``: a latent of ``latent_shape`` decodes to the image the model
-        describes (pad mode's padding dropped), other latent sizes to ``f`` times their
-        size. Give ``image_hw`` when decoding the latent of an image that is not
-        ``image_size`` (the one ambiguous case: a pad-mode model and an input of exactly
-        the padded size, whose latent has ``latent_shape`` too).
-        """
-        return self._decode_for(z, None if image_hw is None else (int(image_hw[0]), int(image_hw[1])))
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters for latents ``z``: a latent of ``latent_shape`` decodes to the image the
+        model describes (pad mode's padding dropped), other latent sizes to ``f`` times their size."""
+        return self._decode_for(z, None)
 
     def latent_shape_for(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
         """The latent shape (C, h, w) of an ``image_hw`` (H, W) input (``latent_shape`` for ``image_size``)."""
@@ -421,7 +423,8 @@ class ConvVAE(nn.Module):
 
     def _decode_for(self, z: torch.Tensor, image_hw: tuple[int, int] | None) -> torch.Tensor:
         """Decode ``z``; drop pad-mode padding when it came from an ``image_size`` input (or, with
-        ``image_hw`` None, when ``z`` has the configured latent shape)."""
+        ``image_hw`` None, when ``z`` has the configured latent shape: unambiguous, because :meth:`_check`
+        refuses inputs of exactly the padded size)."""
         params = self._decode_net(z)
         from_image_size = image_hw == self.config.hw if image_hw is not None else (
             tuple(z.shape[1:]) == self.latent_shape)
