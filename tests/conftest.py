@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 pytest_plugins: list[str] = [
     "tests.fixtures.s3",
     "tests.fixtures.data",
+    "tests.fixtures.photos",
     "tests.fixtures.trained_vae",
     "tests.fixtures.slurm",
 ]

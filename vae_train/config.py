@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vae_train.errors import VaeTrainError
 
@@ -65,7 +65,11 @@ class ModelConfig(Section):
         "resumed run's checkpoint weights then replace it. Empty = random initialization.",
     )
     in_channels: int = Field(1, ge=1, le=16, description="Image channels (1 grayscale, 3 RGB).")
-    image_size: int = Field(28, ge=4, le=4096, description="Height and width of the (square) input images in pixels.")
+    image_size: int | tuple[int, int] = Field(
+        28,
+        description="Training image size in pixels: one int for H = W (square), or [H, W]. Each side 4..4096. "
+        "The model also takes any other H x W divisible by the downsampling factor (aspect buckets, larger images).",
+    )
     base_channels: int = Field(32, ge=4, description="Channels of the first ResNet stage; later stages multiply it.")
     channel_mult: list[int] = Field(
         default_factory=lambda: [1, 2, 2],
@@ -90,6 +94,47 @@ class ModelConfig(Section):
     reparam: Literal["fused", "reference"] = Field(
         "fused", description="Reparameterization/KL implementation: the fused C++/CUDA op or plain PyTorch."
     )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the ResNet (and attention) blocks' activations in the backward pass instead "
+        "of storing them: less activation memory for about one more forward pass of compute.",
+    )
+    channels_last: bool = Field(
+        False, description="Run the network's activations in channels-last (NHWC) memory format (faster convolutions "
+        "on tensor-core GPUs; same results up to floating-point rounding). Weights stay contiguous (DeepSpeed needs it).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the encoder and decoder in place (state-dict names unchanged); the first "
+        "steps pay the compilation, and each new input shape (aspect bucket) compiles once more.",
+    )
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _image_size_form(cls, value: Any) -> Any:
+        """One clear message for a malformed size (instead of one per member of the union)."""
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, (list, tuple)) and len(value) == 2
+                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
+            raise ValueError(f"must be an int (square) or [H, W] of two ints, got {value!r}")
+        return value
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """``image_size`` as (height, width)."""
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How much the encoder shrinks each side: ``2^(levels - 1)``, levels being ``channel_mult``
+        (convvae) or ``block_out_channels`` (ldm)."""
+        levels = self.block_out_channels if self.arch == "ldm" else self.channel_mult
+        return 2 ** (len(levels) - 1)
+
+    @model_validator(mode="after")
+    def _check_size(self) -> "ModelConfig":
+        if any(not 4 <= side <= 4096 for side in self.hw):
+            raise ValueError(f"model.image_size sides must be in 4..4096, got {list(self.hw)}")
+        return self
 
     block_out_channels: list[int] = Field(
         default_factory=lambda: [128, 256, 512, 512],
@@ -129,8 +174,8 @@ class ModelConfig(Section):
                 f"norm_num_groups={self.norm_num_groups} does not divide block_out_channels {bad} "
                 f"(of {self.block_out_channels}); pick norm_num_groups dividing all of them"
             )
-        factor = 2 ** (len(self.block_out_channels) - 1)
-        if self.image_size % factor:
+        factor = self.downsampling_factor
+        if any(side % factor for side in self.hw):
             raise ValueError(
                 f"model.arch=ldm needs model.image_size divisible by its downsampling factor {factor} "
                 f"(2^(len(block_out_channels)-1)), got image_size={self.image_size}; use a multiple of {factor} "
@@ -162,7 +207,18 @@ class DataConfig(Section):
     )
     random_flip: bool = Field(False, description="Random horizontal flips of training images.")
     random_crop: bool = Field(False, description="Random crops of training images to model.image_size (else centre).")
-    resize: bool = Field(False, description="Resize images whose size differs from model.image_size instead of refusing.")
+    resize: bool = Field(
+        False, description="Resize images whose size differs from the target (model.image_size, or the image's aspect "
+        "bucket) instead of refusing: scaled (bicubic, antialiased) to the smallest size that covers the target on "
+        "both sides, keeping the aspect ratio, then cropped to it (random with data.random_crop, else centred).",
+    )
+    aspect_buckets: list[tuple[int, int]] | Literal["auto"] = Field(
+        default_factory=list,
+        description="Aspect-ratio buckets for training: a list of [H, W] shapes (each divisible by the model's "
+        "downsampling factor), or auto (shapes of about model.image_size's pixel area with aspect ratios from 1:2 to "
+        "2:1). Each training image goes to the bucket nearest its aspect ratio and every batch holds one shape. "
+        "Empty = off (every image is model.image_size). Validation stays at model.image_size.",
+    )
     classes: list[int] = Field(
         default_factory=list,
         description="Keep only samples with these labels in the train and validation streams (e.g. [6] for a "
@@ -336,6 +392,20 @@ class Config(Section):
                 if isinstance(raw.get(section), dict) and key in raw[section]:
                     raise ValueError(f"'{dotted}' was removed: {why}; delete it from the config")
         return raw
+
+    @model_validator(mode="after")
+    def _check_buckets(self) -> "Config":
+        """Every aspect bucket must be a shape the model takes (divisible by its downsampling factor)."""
+        buckets = self.data.aspect_buckets
+        factor = self.model.downsampling_factor
+        if isinstance(buckets, list):
+            bad = [list(b) for b in buckets if min(b) < 1 or b[0] % factor or b[1] % factor]
+            if bad:
+                raise ValueError(f"data.aspect_buckets {bad} are not positive multiples of the model's downsampling "
+                                 f"factor {factor} (2^(len(model.channel_mult)-1)); round each side to a multiple")
+            if len(set(buckets)) != len(buckets):
+                raise ValueError(f"data.aspect_buckets lists a shape twice: {[list(b) for b in buckets]}")
+        return self
 
     @model_validator(mode="after")
     def _resolve_binarize(self) -> "Config":

@@ -241,6 +241,7 @@ def evaluate_stream(
     iw_batch_size: int = 1024,
     active_threshold: float = 0.01,
     seed: int = 0,
+    image_hw: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on a stream of batches; returns the metrics of the whole split.
 
@@ -257,13 +258,18 @@ def evaluate_stream(
     NLL is not finite: excluded from the means and counted here, never hidden);
     ``skipped_samples`` (samples the stream masked out as damaged or mis-sized, when
     it reports them through a ``stats()`` method like :class:`vae_train.data.ValStream`).
+    ``image_hw`` (H, W) is the size of the stream's images when it is not the model's
+    ``image_size`` (larger images, tiled with :meth:`ConvVAE.enable_tiling`): the latent
+    units and bits/dim are counted for that size.
     """
     vae = _unwrap(model)
+    latent_shape = vae.latent_shape if image_hw is None else vae.latent_shape_for(image_hw)
+    num_dims = vae.num_dims if image_hw is None else vae.num_dims_for(image_hw)
     if iw_samples < 0:
         raise EvalError(f"iw_samples must be >= 0 (0 = no importance sampling), got {iw_samples}")
     device = next(vae.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed + distributed.rank())
-    latent_numel = math.prod(vae.latent_shape)
+    latent_numel = math.prod(latent_shape)
     # sums layout: [finite count, nonfinite count, skipped samples, one sum per _SUMMED key, mu sums, mu^2 sums]
     sums = torch.zeros(_OFFSET + 2 * latent_numel, dtype=torch.float64)
     was_training = vae.training
@@ -302,10 +308,11 @@ def evaluate_stream(
             f"{skipped}); the data does not fit the model (model.image_size={vae.config.image_size}, "
             f"model.in_channels={vae.config.in_channels}): evaluate on matching data, or set data.resize=true"
         )
-    return _summarize(vae, sums, iw_samples, active_threshold)
+    return _summarize(sums, iw_samples, active_threshold, latent_shape, num_dims)
 
 
-def _summarize(vae: VAE, sums: torch.Tensor, iw_samples: int, active_threshold: float) -> dict[str, float]:
+def _summarize(sums: torch.Tensor, iw_samples: int, active_threshold: float, latent_shape: tuple[int, ...],
+               num_dims: int) -> dict[str, float]:
     """Turn the reduced sums into the metrics dict of :func:`evaluate_stream`."""
     count, nonfinite = int(sums[0]), int(sums[1])
     if count == 0:
@@ -313,7 +320,7 @@ def _summarize(vae: VAE, sums: torch.Tensor, iw_samples: int, active_threshold: 
             raise EvalError(f"all {nonfinite} evaluated images have a non-finite negative ELBO: the model diverged")
         raise EvalError("the evaluation stream yielded no images; check the data source (is the split empty?)")
     means = {key: float(sums[3 + i]) / count for i, key in enumerate(_SUMMED)}
-    d = vae.num_dims
+    d = num_dims
     metrics: dict[str, float] = {
         "images": count,
         "nelbo_nats": means["nelbo"],
@@ -325,15 +332,15 @@ def _summarize(vae: VAE, sums: torch.Tensor, iw_samples: int, active_threshold: 
     }
     if iw_samples > 0:
         metrics.update(iw_nll_nats=means["iw_nll"], iw_nll_bpd=bits_per_dim(means["iw_nll"], d), iw_samples=iw_samples)
-    units = math.prod(vae.latent_shape)
+    units = math.prod(latent_shape)
     mean_mu = sums[_OFFSET : _OFFSET + units] / count
     var_mu = (sums[_OFFSET + units :] / count - mean_mu.square()).clamp(min=0.0)
-    per_channel = var_mu.view(vae.latent_shape[0], -1).mean(1)
+    per_channel = var_mu.view(latent_shape[0], -1).mean(1)
     metrics.update(
         active_units=int((var_mu > active_threshold).sum()),
         latent_units=units,
         active_channels=int((per_channel > active_threshold).sum()),
-        latent_channels=vae.latent_shape[0],
+        latent_channels=latent_shape[0],
         psnr_db=means["psnr"],
         ssim=means["ssim"],
         nonfinite_images=nonfinite,

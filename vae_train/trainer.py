@@ -292,7 +292,8 @@ def _build_streams(cfg: Config, engine: Engine) -> tuple[Any, Any]:
         world_size=engine.env.world_size,
         s3_cfg=cfg.s3,
     )
-    train_stream = build_train_stream(cfg.data, micro_batch_size=engine.plan.micro_batch_size, seed=cfg.seed, **common)
+    train_stream = build_train_stream(cfg.data, micro_batch_size=engine.plan.micro_batch_size, seed=cfg.seed,
+                                      size_multiple=cfg.model.downsampling_factor, **common)
     val_stream = build_val_stream(cfg.data, batch_size=cfg.data.val_batch_size, **common) if cfg.data.val else None
     return train_stream, val_stream
 
@@ -402,7 +403,11 @@ def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_fr
 
     info = engine.info()
     reparam = ops.backend() if cfg.model.reparam == "fused" else "reference"
-    info.update(parameters=num_parameters, reparam_backend=reparam, resumed_from=resumed_from, **trained)
+    from vae_train.model.activation_checkpointing import is_checkpointed
+
+    checkpointed = sum(is_checkpointed(m) for m in engine.module.modules())
+    info.update(parameters=num_parameters, reparam_backend=reparam, resumed_from=resumed_from, **trained,
+                checkpointed_blocks=checkpointed, channels_last=cfg.model.channels_last, compiled=cfg.model.compile)
     if engine.env.rank != 0:
         return
     run_dir = Path(cfg.run_dir)

@@ -59,12 +59,12 @@ def _rows(run_dir: Path) -> list[dict]:
     return [row for row in rows if row["split"] == "train"]
 
 
-def _train(shards: Path, run_dir: Path, world: int, stage: int) -> None:
+def _train(shards: Path, run_dir: Path, world: int, stage: int, *extra: str) -> None:
     overrides = [f"run_dir={run_dir}", f"data.train={shards}", f"train.max_steps={STEPS}",
                  f"train.global_batch_size={GLOBAL_BATCH}", "train.grad_accum_steps=1", "train.grad_clip=0",
                  "train.val_every=0", f"distributed.zero_stage={stage}", "distributed.precision=fp32",
                  "optimizer.weight_decay=0.01", "logging.every_steps=1", "logging.image_every=0",
-                 "logging.histogram_every=0", f"checkpoint.every_steps={STEPS}"]
+                 "logging.histogram_every=0", f"checkpoint.every_steps={STEPS}", *extra]
     cmd = torchrun("-m", "tests.integration.train_fixed_batches", "--config", "configs/tiny.yaml", *overrides,
                    nproc=world)
     done = run(cmd, env=clean_env(VAE_TEST_RECORD_DIR=str(run_dir / "record"), VAE_TRAIN_REQUIRE_FUSED="1"),

@@ -156,7 +156,7 @@ def test_generator_makes_forward_and_sample_reproducible() -> None:
     ("make_input", "error", "pattern"),
     [
         (lambda: torch.zeros(2, 3, 28, 28), InputShapeError, r"3 channels .* model.in_channels=1"),
-        (lambda: torch.zeros(2, 1, 32, 32), InputShapeError, r"32x32 .* model.image_size=28"),
+        (lambda: torch.zeros(2, 1, 29, 30), InputShapeError, r"29x30 .* model.image_size=28x28 .* divisible by .* 2"),
         (lambda: torch.zeros(1, 28, 28), InputShapeError, r"shape \[B, 1, 28, 28\]"),
         (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.uint8), InputShapeError, "dtype torch.uint8"),
         (lambda: torch.full((2, 1, 28, 28), float("nan")), InputShapeError, "NaN"),
@@ -177,8 +177,8 @@ def test_range_check_can_be_skipped_but_shape_checks_cannot() -> None:
     model = ConvVAE(tiny())
     out = model(torch.rand(2, 1, 28, 28) * 2 - 1, check_range=False)  # out of range, not checked
     assert out.recon_nll.shape == (2,)
-    with pytest.raises(InputShapeError, match="32x32"):
-        model(torch.zeros(2, 1, 32, 32), check_range=False)
+    with pytest.raises(InputShapeError, match="29x29"):
+        model(torch.zeros(2, 1, 29, 29), check_range=False)
 
 
 def test_logistic_model_rejects_unit_range_overflow() -> None:

@@ -13,8 +13,14 @@ Examples::
     torchrun --nproc_per_node 2 -m vae_train eval --checkpoint s3://bucket/run/step-00002000 --data s3://bucket/shards
     vae-train sample --checkpoint exported/ --n 64 --temperature 0.8 --out samples.png
     vae-train reconstruct --checkpoint exported/ --data shards/ --out recon.png
+    vae-train reconstruct --checkpoint exported/ --data photos/ --image-size 512,768 --tile train --out big.png data.resize=true
     vae-train interpolate --checkpoint exported/ --data shards/ --pairs 6 --steps 8 --out interp.png
     vae-train score --checkpoint exported/ --data shards/#test --normal-classes 0 --out scores.csv
+
+``--image-size H[,W]`` (eval, reconstruct) decodes the data at another size than the
+model's (any sides divisible by its downsampling factor); ``--tile H[,W]|train`` with
+``--tile-overlap`` encodes and decodes such larger images in blended tiles
+(:meth:`vae_train.model.ConvVAE.enable_tiling`), so memory stays that of one tile.
 
 ``eval`` runs under torchrun / accelerate too: each rank evaluates its share of
 the stream and the sums are all-reduced, so every sample counts exactly once.
@@ -40,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--iw-batch-size", type=int, default=1024, help="latents decoded at once by the IWAE bound")
     ev.add_argument("--max-batches", type=int, default=0, help="stop after N batches per rank (0 = whole split)")
     ev.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    _size_options(ev)
     ev.set_defaults(func=run_eval)
 
     sample = _command(subparsers, "sample", "draw images from the prior", data=False)
@@ -52,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recon = _command(subparsers, "reconstruct", "inputs beside their reconstructions", data=True)
     recon.add_argument("--n", type=int, default=32, help="number of inputs")
     recon.add_argument("--out", required=True, help="grid PNG")
+    _size_options(recon)
     recon.set_defaults(func=run_reconstruct)
 
     interp = _command(subparsers, "interpolate", "latent interpolations between pairs of inputs", data=True)
@@ -82,6 +90,54 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help_text: str, 
     parser.add_argument("--config", default=None, help="YAML config for the data/s3 sections (optional)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.num_workers=0 s3.endpoint_url=http://...")
     return parser
+
+
+def _size_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", default=None, metavar="H[,W]",
+                        help="decode the data at this size instead of the model's image_size (sides divisible by "
+                        "the model's downsampling factor; data.resize=true to resize photos to it)")
+    parser.add_argument("--tile", default=None, metavar="H[,W]",
+                        help="encode and decode in tiles of this many pixels with blended overlaps (bounded memory "
+                        "for images larger than the training size); 'train' = the model's training size")
+    parser.add_argument("--tile-overlap", default=None, metavar="H[,W]",
+                        help="pixels shared by neighbouring tiles (default: a quarter of the tile)")
+
+
+def _pixels(text: str | None, what: str) -> tuple[int, int] | None:
+    """``H`` or ``H,W`` -> (H, W); None stays None."""
+    from vae_train.evaluate import EvalError
+
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in str(text).split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise EvalError(f"{what} must be H or H,W in pixels (positive integers), got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _apply_size_options(args: argparse.Namespace, model: VAE) -> tuple[int, int] | None:
+    """Turn tiling on as ``--tile``/``--tile-overlap`` ask; the ``--image-size`` to decode the data at, or None."""
+    from vae_train.evaluate import EvalError
+    from vae_train.model import ArchitectureError
+
+    image_hw = _pixels(args.image_size, "--image-size")
+    if image_hw is not None:
+        factor = model.config.downsampling_factor
+        if image_hw != model.config.hw and (image_hw[0] % factor or image_hw[1] % factor):
+            raise EvalError(f"--image-size {image_hw[0]},{image_hw[1]}: sides must be multiples of the model's "
+                            f"downsampling factor {factor} (or equal its image_size {list(model.config.hw)})")
+    if args.tile is not None:
+        tile = None if args.tile == "train" else _pixels(args.tile, "--tile")
+        try:
+            model.enable_tiling(tile, _pixels(args.tile_overlap, "--tile-overlap"))
+        except ArchitectureError as exc:
+            raise EvalError(f"--tile/--tile-overlap: {exc}") from None
+    elif args.tile_overlap is not None:
+        raise EvalError("--tile-overlap needs --tile")
+    return image_hw
 
 
 # -- shared pieces --------------------------------------------------------------------
@@ -124,8 +180,9 @@ def _load(args: argparse.Namespace, cfg: Config, device: torch.device) -> VAE:
     return vae_train.load_model(args.checkpoint, s3_cfg=cfg.s3, map_location=str(device))
 
 
-def _stream(args: argparse.Namespace, cfg: Config, model: VAE, rank: int = 0, world_size: int = 1) -> Any:
-    """The validation stream of ``--data`` decoded for this model (its size, channels and range)."""
+def _stream(args: argparse.Namespace, cfg: Config, model: VAE, rank: int = 0, world_size: int = 1,
+            image_hw: tuple[int, int] | None = None) -> Any:
+    """The validation stream of ``--data`` decoded for this model (its size or ``image_hw``, channels, range)."""
     from vae_train.data import build_val_stream
     from vae_train.evaluate import EvalError
 
@@ -139,7 +196,7 @@ def _stream(args: argparse.Namespace, cfg: Config, model: VAE, rank: int = 0, wo
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
     return build_val_stream(
         data_cfg,
-        image_size=model.config.image_size,
+        image_size=image_hw or model.config.image_size,
         channels=model.config.in_channels,
         value_range=model.likelihood.value_range,
         batch_size=batch_size,
@@ -202,7 +259,8 @@ def run_eval(args: argparse.Namespace) -> int:
         device = _device(args.device)
     try:
         model = _load(args, cfg, device)
-        stream = _stream(args, cfg, model, env.rank, env.world_size)
+        image_hw = _apply_size_options(args, model)
+        stream = _stream(args, cfg, model, env.rank, env.world_size, image_hw)
         metrics = evaluate_stream(
             model,
             stream,
@@ -210,6 +268,7 @@ def run_eval(args: argparse.Namespace) -> int:
             max_batches=args.max_batches,
             iw_batch_size=args.iw_batch_size,
             seed=args.seed,
+            image_hw=image_hw,
         )
     finally:
         if started_group:
@@ -303,7 +362,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     cfg = _settings(args)
     device = _device(args.device)
     model = _load(args, cfg, device)
-    x, _ = _take(_stream(args, cfg, model), args.n)
+    image_hw = _apply_size_options(args, model)
+    x, _ = _take(_stream(args, cfg, model, image_hw=image_hw), args.n)
     x = x.to(device)
     recon = model.reconstruct(x)
     target = model.target(x)

@@ -8,11 +8,16 @@ Policy for images that do not match ``model.in_channels`` x ``image_size``:
   fully opaque is dropped. Anything else (colour -> grayscale, real transparency,
   16-bit or float images, CMYK) is rejected: silently averaging colours or
   dropping bits would train on data the user did not mean.
-* **Size**: an image of exactly ``image_size`` x ``image_size`` is used as is. With
-  ``data.resize`` the shorter side is resized to ``image_size`` (bicubic,
-  antialiased) and the square is cropped (randomly in training with
-  ``data.random_crop``, else centred). Without it, a larger image is cropped only
-  when ``data.random_crop`` asks for crops; otherwise a size mismatch is rejected.
+* **Size**: the target is ``H x W`` (``model.image_size``, square or not, or the
+  image's aspect bucket). An image of exactly that size is used as is. With
+  ``data.resize`` the image is scaled, keeping its aspect ratio, to the smallest size
+  that covers the target on both sides (bicubic, antialiased; for a square target:
+  the shorter side to the target), then cropped to the target (randomly in training
+  with ``data.random_crop``, else centred): a 600x400 photo for a 256x256 target
+  becomes 384x256 and loses 64 columns on each side; for a 192x320 (portrait
+  bucket) target it becomes 480x320 and loses rows. Nothing is ever stretched.
+  Without ``data.resize`` a larger image is cropped only when ``data.random_crop``
+  asks for crops; otherwise a size mismatch is rejected.
 
 Rejections raise :class:`SampleRejected` with a reason; the stream counts them per
 reason and warns with the shard and key (or stops, with ``data.strict``).
@@ -51,13 +56,19 @@ class SampleRejected(Exception):
 class DecodeSpec:
     """What the model expects and which augmentations the stream applies."""
 
-    image_size: int
+    image_size: int | tuple[int, int]  # the target: H = W, or (H, W)
     channels: int
     value_range: tuple[float, float]
     binarize: str = "none"
     resize: bool = False
     random_crop: bool = False
     random_flip: bool = False
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The target size as (height, width)."""
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def image_member(members: dict[str, bytes]) -> bytes:
@@ -107,15 +118,36 @@ def _normalize_mode(image, channels: int):
     return Image.fromarray(np.ascontiguousarray(pixels[..., 0]), mode="L")
 
 
-def _crop(pixels: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """A size x size crop: at a random offset when ``rng`` is given, else centred."""
+def image_dimensions(members: dict[str, bytes]) -> tuple[int, int]:
+    """(width, height) of a sample's image from its header alone (no pixel decoding), for bucketing."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image_member(members))) as image:
+            return image.size
+    except SampleRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt data
+        raise SampleRejected("undecodable", f"{type(exc).__name__}: {exc}") from None
+
+
+def _crop(pixels: np.ndarray, size: tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
+    """An H x W crop: at a random offset when ``rng`` is given, else centred."""
     height, width = pixels.shape[:2]
+    th, tw = size
     if rng is not None:
-        top = int(rng.integers(0, height - size + 1))
-        left = int(rng.integers(0, width - size + 1))
+        top = int(rng.integers(0, height - th + 1))
+        left = int(rng.integers(0, width - tw + 1))
     else:
-        top, left = (height - size) // 2, (width - size) // 2
-    return pixels[top:top + size, left:left + size]
+        top, left = (height - th) // 2, (width - tw) // 2
+    return pixels[top:top + th, left:left + tw]
+
+
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the image scaled, aspect kept, to the smallest size covering ``target`` (H, W)."""
+    th, tw = target
+    scale = max(th / height, tw / width)
+    return max(tw, round(width * scale)), max(th, round(height * scale))
 
 
 def _key_rng(key: str) -> np.random.Generator:
@@ -142,20 +174,18 @@ def decode_sample(key: str, members: dict[str, bytes], spec: DecodeSpec,
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt data
         raise SampleRejected("undecodable", f"{type(exc).__name__}: {exc}") from None
     image = _normalize_mode(image, spec.channels)
-    size = spec.image_size
+    th, tw = spec.hw
     crop_rng = rng if spec.random_crop else None
-    if image.size != (size, size):
+    if image.size != (tw, th):
         width, height = image.size
         if spec.resize:
-            scale = size / min(width, height)
-            new = (max(size, round(width * scale)), max(size, round(height * scale)))
-            image = image.resize(new, Image.BICUBIC)
-        elif not (spec.random_crop and min(width, height) >= size):
-            raise SampleRejected("size", f"{width}x{height} image, expected {size}x{size} "
+            image = image.resize(cover_size(width, height, (th, tw)), Image.BICUBIC)
+        elif not (spec.random_crop and width >= tw and height >= th):
+            raise SampleRejected("size", f"{width}x{height} image (width x height), expected {tw}x{th} "
                                  "(set data.resize=true to resize, or data.random_crop=true to crop larger images)")
     pixels = np.asarray(image)
-    if pixels.shape[0] != size or pixels.shape[1] != size:
-        pixels = _crop(pixels, size, crop_rng)
+    if pixels.shape[0] != th or pixels.shape[1] != tw:
+        pixels = _crop(pixels, (th, tw), crop_rng)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if rng is not None and spec.random_flip and rng.random() < 0.5:

@@ -44,6 +44,18 @@ hold state that cannot be saved):
   No sample counts are needed, so shards made elsewhere (a brace pattern without
   an index.json) train as they are.
 
+**Aspect-ratio buckets** (``data.aspect_buckets``, :mod:`vae_train.data.buckets`):
+each sample read goes, by its image header's aspect ratio, to the nearest bucket's
+pending list, and a bucket that holds a micro-batch is decoded to its shape and
+emitted, so every batch has one shape. Rare buckets wait rather than drop or repeat
+samples, so the sample frequencies and the sources' mixing weights are those of the
+unbucketed stream. Exact resume stays cheap: the state names each pending sample by
+``[bucket, source, draw, pos, key]`` (not its pixels) and a restore reads those back
+from their shards; each sample's augmentation draws from a generator seeded by that
+reference, so it decodes the same again. Ranks still get equal batch counts (the
+stream is infinite), each rank's batch of a step may have another shape, which
+data-parallel training allows (gradients are reduced per parameter, not per activation).
+
 The validation stream reads every sample exactly once over all ranks and
 workers: index.json gives each shard's count, rank r takes the contiguous sample
 range ``[r*N/R, (r+1)*N/R)``, split into batches, and each worker takes a
@@ -85,7 +97,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vae_train.data import s3_opener
 from vae_train.data.classes import MAX_CONSECUTIVE_FILTERED, check_labels_occur, keeps, too_many_filtered
-from vae_train.data.decode import DecodeSpec, SampleRejected, decode_sample
+from vae_train.data.buckets import nearest_bucket, resolve_buckets
+from vae_train.data.decode import DecodeSpec, SampleRejected, decode_sample, image_dimensions
 from vae_train.data.errors import DataError
 from vae_train.data.sources import Source, fingerprint, resolve_sources
 from vae_train.data.tario import RawSample, ShardReadError, iter_shard
@@ -105,7 +118,7 @@ MAX_WARNINGS_PER_WORKER = 20
 """Skip warnings logged per worker (one per shard and reason); later skips are only counted (see stats())."""
 
 # Purposes mixed into seeds, so the generators of one (rank, worker) are independent.
-_SHARD_PICK, _BLOCK_ORDER, _WORKER_RNG = 1, 2, 3
+_SHARD_PICK, _BLOCK_ORDER, _WORKER_RNG, _SAMPLE_RNG = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,7 @@ class _Plan:
     strict: bool
     s3_cfg: Any
     classes: frozenset[int] = frozenset()  # data.classes; empty = keep every sample
+    buckets: tuple[tuple[int, int], ...] = ()  # aspect buckets (H, W); empty = every image spec.image_size
 
     @property
     def logical_workers(self) -> int:
@@ -239,6 +253,9 @@ def _batch(images: list[np.ndarray], keys: list[str], labels: list[int], mask: l
 
 def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Iterator[tuple[Any, ...]]:
     """One logical worker's infinite batch stream; yields (batch, worker, state after the batch)."""
+    if plan.buckets:
+        yield from _bucketed_worker(plan, worker, state)
+        return
     n_sources = len(plan.sources)
     state = state or {}
     cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i])
@@ -283,6 +300,136 @@ def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Ite
             "rng": rng.bit_generator.state,
             "skipped": dict(skips.counts),
             "filtered": filtered,
+        }
+        yield _batch(images, keys, labels), worker, snapshot
+
+
+def _sample_rng(plan: _Plan, worker: int, source: int, draw: int, pos: int) -> np.random.Generator:
+    """The generator of one sample's augmentation in a bucketed stream, seeded by where the sample was read."""
+    return np.random.default_rng([plan.seed, plan.rank, worker, source, draw, pos, _SAMPLE_RNG])
+
+
+def _refetch(plan: _Plan, worker: int, refs: list[list[Any]]) -> list[tuple[str, RawSample]]:
+    """(shard url, raw sample) of each pending reference ``[bucket, source, draw, pos, key]``, read again.
+
+    References of one shard draw are read in one pass over that shard (up to the last
+    one needed); a sample that is not where the reference says (the shards changed)
+    is an error, never a silent substitute.
+    """
+    found: dict[tuple[int, int, int], tuple[str, RawSample]] = {}
+    groups: dict[tuple[int, int], set[int]] = {}
+    for _bucket, source, draw, pos, _key in refs:
+        groups.setdefault((source, draw), set()).add(pos)
+    quiet = _Skips(None, strict=False)  # these samples were counted when first read
+    for (source, draw), wanted in groups.items():
+        cursor = _ShardCursor(plan, worker, source, draw, min(wanted) - 1)
+        samples = cursor.samples(quiet)
+        try:
+            for url, raw in samples:
+                if cursor.draw != draw:
+                    break
+                if cursor.pos in wanted:
+                    found[(source, draw, cursor.pos)] = (url, raw)
+                    wanted.discard(cursor.pos)
+                    if not wanted:
+                        break
+        finally:
+            samples.close()
+    result = []
+    for _bucket, source, draw, pos, key in refs:
+        item = found.get((source, draw, pos))
+        if item is None or item[1][0] != key:
+            raise DataError(f"cannot resume the data stream: pending sample {key!r} (source {source}, shard draw "
+                            f"{draw}, position {pos}) is not in its shard any more; the data changed since the "
+                            "checkpoint was written: start a fresh run or restore the data")
+        result.append(item)
+    return result
+
+
+def _bucketed_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Iterator[tuple[Any, ...]]:
+    """A logical worker's infinite stream of one-shape batches (aspect buckets); yields (batch, worker, state).
+
+    Each sample read goes, by its header's aspect ratio, to the nearest bucket's
+    pending list; when a bucket holds a batch, it is decoded to the bucket's shape and
+    emitted. No sample is dropped or repeated for being in a rare bucket (it waits), so
+    the sources' mixing weights and the samples' frequencies are those of the
+    unbucketed stream. The state holds the cursors, the source-mixing generator and a
+    reference ``[bucket, source, draw, pos, key]`` per pending sample, which a restore
+    reads back from its shard; each sample's crops, flips and binarization come from a
+    generator seeded by its reference, so a restored sample decodes identically.
+    """
+    n_sources = len(plan.sources)
+    state = state or {}
+    cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i])
+               for i in range(n_sources)]
+    rng = np.random.default_rng([plan.seed, plan.rank, worker, _WORKER_RNG])
+    if "rng" in state:
+        rng.bit_generator.state = state["rng"]
+    skips = _Skips(state.get("skipped"), plan.strict)
+    refs: list[list[Any]] = [list(ref) for ref in state.get("pending", [])]
+    raws = _refetch(plan, worker, refs) if refs else []
+    streams = [cursor.samples(skips) for cursor in cursors]
+    weights = np.asarray([s.weight for s in plan.sources], float)
+    weights /= weights.sum()
+    specs = [dataclasses.replace(plan.spec, image_size=shape) for shape in plan.buckets]
+    rejected_in_row = 0
+    filtered, filtered_in_row = int(state.get("filtered", 0)), 0
+
+    def rejected(url: str, key: str, rej: SampleRejected) -> None:
+        nonlocal rejected_in_row
+        skips.skip(url, rej.reason, f"sample {key!r} of shard {url}: {rej}")
+        rejected_in_row += 1
+        if rejected_in_row >= MAX_CONSECUTIVE_REJECTS:
+            raise DataError(
+                f"{rejected_in_row} samples in a row were rejected (last: {key!r} of {url}: {rej}); the data does "
+                "not fit the aspect buckets (data.aspect_buckets, model.in_channels) — see data.resize / "
+                "data.random_crop or re-run `vae-train prepare`") from None
+
+    while True:
+        s = int(rng.choice(n_sources, p=weights)) if n_sources > 1 else 0
+        url, (key, members) = next(streams[s])
+        if plan.classes and not keeps(plan.classes, key, members, url):
+            filtered, filtered_in_row = filtered + 1, filtered_in_row + 1
+            if filtered_in_row >= MAX_CONSECUTIVE_FILTERED:
+                raise too_many_filtered(plan.classes, filtered_in_row, plan.sources[s].spec)
+            continue
+        filtered_in_row = 0
+        try:
+            width, height = image_dimensions(members)
+        except SampleRejected as rej:
+            rejected(url, key, rej)
+            continue
+        bucket = nearest_bucket(width, height, plan.buckets)
+        refs.append([bucket, s, cursors[s].draw, cursors[s].pos, key])
+        raws.append((url, (key, members)))
+        waiting = [i for i, ref in enumerate(refs) if ref[0] == bucket]
+        if len(waiting) < plan.batch_size:
+            continue
+        images, keys, labels, used, dropped = [], [], [], [], []
+        for i in waiting:
+            ref, (src_url, (src_key, src_members)) = refs[i], raws[i]
+            try:
+                image, label = decode_sample(src_key, src_members, specs[bucket], _sample_rng(plan, worker, *ref[1:4]))
+            except SampleRejected as rej:
+                dropped.append(i)
+                rejected(src_url, src_key, rej)
+                continue
+            rejected_in_row = 0
+            images.append(image)
+            keys.append(src_key)
+            labels.append(label)
+            used.append(i)
+        done = set(dropped) | (set(used) if len(images) == plan.batch_size else set())
+        refs = [ref for i, ref in enumerate(refs) if i not in done]
+        raws = [raw for i, raw in enumerate(raws) if i not in done]
+        if len(images) < plan.batch_size:
+            continue  # a rejected sample left the bucket short: it fills up again
+        snapshot = {
+            "cursors": [[c.draw, c.pos] for c in cursors],
+            "rng": rng.bit_generator.state,
+            "skipped": dict(skips.counts),
+            "filtered": filtered,
+            "pending": [list(ref) for ref in refs],
         }
         yield _batch(images, keys, labels), worker, snapshot
 
@@ -336,7 +483,7 @@ def _next_item(iterator: Iterator[Any], plan: _Plan, timeout_s: float) -> Any:
     return item
 
 
-def _decode_spec(data_cfg: "DataConfig", image_size: int, channels: int,
+def _decode_spec(data_cfg: "DataConfig", image_size: int | tuple[int, int], channels: int,
                  value_range: tuple[float, float], train: bool) -> DecodeSpec:
     if channels not in (1, 3):
         raise DataError(f"image shards hold grayscale or RGB images; model.in_channels={channels} is not supported "
@@ -425,6 +572,7 @@ class TrainStream:
             "shuffle_buffer": plan.block_size,
             "sources": self._fingerprint,
             "classes": sorted(plan.classes),
+            "aspect_buckets": [list(b) for b in plan.buckets],
             "batches": self.batches,
             "next_worker": self._next_worker,
             "workers": list(self._states),
@@ -437,13 +585,14 @@ class TrainStream:
             "version": STATE_VERSION, "world_size": plan.world_size, "rank": plan.rank,
             "num_workers": plan.num_workers, "micro_batch_size": plan.batch_size, "seed": plan.seed,
             "shuffle_buffer": plan.block_size, "sources": self._fingerprint, "classes": sorted(plan.classes),
+            "aspect_buckets": [list(b) for b in plan.buckets],
         }
         for key, value in expected.items():
-            if state.get(key, [] if key == "classes" else None) != value:
+            if state.get(key, [] if key in ("classes", "aspect_buckets") else None) != value:
                 raise DataError(
                     f"cannot resume the data stream: the checkpoint's {key} is {state.get(key)!r}, this run's is "
                     f"{value!r}. Exact resume needs the same world size, data.num_workers, micro-batch size, seed, "
-                    "data.shuffle_buffer, data.classes and data sources (changing them is not supported yet); start a fresh run "
+                    "data.shuffle_buffer, data.classes, data.aspect_buckets and data sources (changing them is not supported yet); start a fresh run "
                     "or restore the old settings")
         if len(state["workers"]) != plan.logical_workers:
             raise DataError(f"data stream state has {len(state['workers'])} worker states, expected "
@@ -482,8 +631,9 @@ class TrainStream:
 
 
 def build_train_stream(
-    data_cfg: "DataConfig", *, image_size: int, channels: int, value_range: tuple[float, float],
+    data_cfg: "DataConfig", *, image_size: int | tuple[int, int], channels: int, value_range: tuple[float, float],
     micro_batch_size: int, rank: int, world_size: int, seed: int, s3_cfg: "S3Config | None",
+    size_multiple: int = 1,
 ) -> TrainStream:
     """The training stream of ``rank`` of ``world_size``: infinite, resampled, resumable.
 
@@ -493,7 +643,10 @@ def build_train_stream(
     likelihood's: (0, 1) for Bernoulli, (-1, 1) otherwise; ``data_cfg.binarize``
     must be resolved (a DataConfig inside a Config is). ``seed`` with rank and
     worker seeds every random choice, so two runs with the same arguments produce
-    identical batches.
+    identical batches. ``image_size`` is an int (square) or (H, W); with
+    ``data.aspect_buckets`` each batch has one bucket's shape instead (``auto`` derives
+    the shapes from ``image_size``, sides multiples of ``size_multiple``: the model's
+    downsampling factor).
     """
     _check_rank(rank, world_size)
     if micro_batch_size < 1:
@@ -506,9 +659,13 @@ def build_train_stream(
         spec=_decode_spec(data_cfg, image_size, channels, value_range, train=True),
         batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
         seed=seed, block_size=max(1, data_cfg.shuffle_buffer), strict=data_cfg.strict, s3_cfg=s3_cfg,
-        classes=classes,
+        classes=classes, buckets=resolve_buckets(data_cfg.aspect_buckets, _hw(image_size), size_multiple),
     )
     return TrainStream(plan, timeout_s=data_cfg.timeout_s)
+
+
+def _hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -570,7 +727,7 @@ def _val_worker(plan: _Plan, worker: int, _state: None, layout: _ValLayout) -> I
     samples = _val_positions(plan, layout, first_pos, last_pos, skips) if first_pos < last_pos else iter(())
     pending = next(samples, None)
     filtered = 0
-    blank = np.zeros((plan.spec.channels, plan.spec.image_size, plan.spec.image_size), np.float32)
+    blank = np.zeros((plan.spec.channels, *plan.spec.hw), np.float32)
     for j in batches:
         start = layout.rank_start + j * b
         images, keys, labels, mask = [blank] * b, [""] * b, [-1] * b, [False] * b
@@ -629,7 +786,7 @@ class ValStream:
 
 
 def build_val_stream(
-    data_cfg: "DataConfig", *, image_size: int, channels: int, value_range: tuple[float, float],
+    data_cfg: "DataConfig", *, image_size: int | tuple[int, int], channels: int, value_range: tuple[float, float],
     batch_size: int, rank: int, world_size: int, s3_cfg: "S3Config | None",
 ) -> ValStream:
     """The validation stream of ``rank``: each sample exactly once over all ranks and workers.

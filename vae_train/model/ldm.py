@@ -39,9 +39,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae_train.config import ModelConfig
+from vae_train.model.activation_checkpointing import enable_gradient_checkpointing
 from vae_train.model.errors import ArchitectureError, InputShapeError
 from vae_train.model.likelihoods import Likelihood, build_likelihood
-from vae_train.model.vae import VAEOutput
+from vae_train.model.vae import VAEOutput, to_channels_last
 from vae_train.ops import reparam_kl
 
 _NORM_EPS = 1e-6  # every GroupNorm of the LDM autoencoder
@@ -230,8 +231,9 @@ class AutoencoderKL(nn.Module):
             raise ArchitectureError(f"AutoencoderKL is model.arch=ldm, got model.arch={cfg.arch}")
         self.config = cfg
         self.likelihood: Likelihood = build_likelihood(cfg.likelihood, cfg.gaussian_std)
-        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
-        if cfg.image_size % self.factor:  # the config refuses it too; a hand-built config may not have been validated
+        self.factor = cfg.downsampling_factor
+        height, width = cfg.hw
+        if height % self.factor or width % self.factor:  # the config refuses it too; a hand-built one may not
             raise ArchitectureError(f"model.image_size={cfg.image_size} is not divisible by the downsampling "
                                     f"factor {self.factor}")
         latent = cfg.latent_channels
@@ -239,14 +241,34 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg, self.likelihood.params_per_channel * cfg.in_channels)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if cfg.use_post_quant_conv else None
-        side = cfg.image_size // self.factor
-        self.latent_shape: tuple[int, int, int] = (latent, side, side)
-        self.num_dims: int = cfg.in_channels * cfg.image_size**2
+        self.latent_shape: tuple[int, int, int] = self.latent_shape_for(cfg.hw)
+        self.num_dims: int = self.num_dims_for(cfg.hw)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self, (ResnetBlock, SelfAttention))
+        if cfg.channels_last:  # activations only, as in ConvVAE (DeepSpeed needs contiguous weights)
+            for conv in (self.encoder.conv_in, self.decoder.conv_in):
+                conv.register_forward_hook(to_channels_last)
+        if cfg.compile:
+            self.encoder.compile()
+            self.decoder.compile()
 
     @property
-    def output_size(self) -> int:
-        """Side of the images :meth:`sample` produces (``model.image_size``)."""
-        return self.config.image_size
+    def output_size(self) -> int | tuple[int, int]:
+        """Size of the images :meth:`sample` produces (``model.image_size``: an int when square)."""
+        return self.config.image_size if isinstance(self.config.image_size, int) else self.config.hw
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """(height, width) of the images :meth:`sample` produces."""
+        return self.config.hw
+
+    def latent_shape_for(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+        """The latent shape (C, h, w) of an ``image_hw`` (H, W) input."""
+        return (self.config.latent_channels, image_hw[0] // self.factor, image_hw[1] // self.factor)
+
+    def num_dims_for(self, image_hw: tuple[int, int]) -> int:
+        """Pixels x channels the likelihood scores for an ``image_hw`` (H, W) input."""
+        return self.config.in_channels * image_hw[0] * image_hw[1]
 
     def num_parameters(self) -> int:
         """Number of trainable parameters."""

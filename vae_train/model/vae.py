@@ -21,21 +21,32 @@ with the data range's low value (the background) and crops the decoder output
 back, so the likelihood covers exactly the real pixels; ``crop`` centre-crops
 the input to the largest multiple, so the model describes the cropped image;
 ``error`` refuses at construction. Nothing is ever silently misaligned.
+``image_size`` may be ``[H, W]`` (each side resolved on its own), and any other
+``H x W`` divisible by the factor is taken as it is -- the network is fully
+convolutional -- which is what aspect-ratio buckets and larger evaluation images use.
+
+Memory (``model.gradient_checkpointing``, ``model.channels_last``, ``model.compile``,
+and :meth:`ConvVAE.enable_tiling` for images larger than the training size) changes
+how the same function is computed, never the parameters' names: checkpoints and
+exports are interchangeable across these settings.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from vae_train.config import ModelConfig
+from vae_train.model.activation_checkpointing import enable_gradient_checkpointing
 from vae_train.model.blocks import Downsample, ResBlock, Upsample, group_norm
 from vae_train.model.errors import ArchitectureError, InputShapeError
 from vae_train.model.likelihoods import Likelihood, build_likelihood
+from vae_train.model.tiling import tiled_apply
 from vae_train.ops import reparam_kl
 
 
@@ -70,38 +81,51 @@ class VAEOutput:
 
 @dataclass(frozen=True)
 class _Geometry:
-    """How the configured image maps onto the network's input grid."""
+    """How the configured image maps onto the network's input grid, per side (height, width)."""
 
-    network_size: int  # side of the square the encoder sees
-    output_size: int  # side of the image the likelihood scores
-    offset: int  # pad (pad mode) or crop (crop mode) before the image, in pixels
+    network: tuple[int, int]  # what the encoder sees
+    output: tuple[int, int]  # the image the likelihood scores
+    offset: tuple[int, int]  # pad (pad mode) or crop (crop mode) before the image, in pixels
 
 
-def _geometry(cfg: ModelConfig) -> _Geometry:
-    """Resolve ``size_mode`` for ``image_size`` and the downsampling factor, or raise."""
-    factor = 2 ** (len(cfg.channel_mult) - 1)
-    size = cfg.image_size
+def _side(size: int, factor: int, cfg: ModelConfig) -> tuple[int, int, int]:
+    """(network, output, offset) of one side of ``image_size`` under ``size_mode``, or raise."""
     if size % factor == 0:
-        return _Geometry(size, size, 0)
+        return size, size, 0
+    shown = cfg.image_size if isinstance(cfg.image_size, int) else list(cfg.image_size)
     fix = (
         f"set model.size_mode=pad (pad to {math.ceil(size / factor) * factor}) or crop, use "
         f"fewer resolutions in model.channel_mult, or an image_size divisible by {factor}"
     )
     if cfg.size_mode == "error":
         raise ArchitectureError(
-            f"model.image_size={size} is not divisible by the downsampling factor {factor} "
+            f"model.image_size={shown} is not divisible by the downsampling factor {factor} "
             f"(2^(len(model.channel_mult)-1) with channel_mult={cfg.channel_mult}); {fix}"
         )
     if cfg.size_mode == "pad":
         padded = math.ceil(size / factor) * factor
-        return _Geometry(padded, size, (padded - size) // 2)
+        return padded, size, (padded - size) // 2
     cropped = (size // factor) * factor
     if cropped == 0:
         raise ArchitectureError(
-            f"model.size_mode=crop would crop model.image_size={size} to nothing (downsampling factor "
+            f"model.size_mode=crop would crop model.image_size={shown} to nothing (downsampling factor "
             f"{factor}); use size_mode=pad or fewer resolutions in model.channel_mult"
         )
-    return _Geometry(cropped, cropped, (size - cropped) // 2)
+    return cropped, cropped, (size - cropped) // 2
+
+
+def _geometry(cfg: ModelConfig) -> _Geometry:
+    """Resolve ``size_mode`` for ``image_size`` (each side) and the downsampling factor, or raise."""
+    (nh, oh, th), (nw, ow, tw) = (_side(side, cfg.downsampling_factor, cfg) for side in cfg.hw)
+    return _Geometry((nh, nw), (oh, ow), (th, tw))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiled encode/decode settings (see :meth:`ConvVAE.enable_tiling`), in image pixels."""
+
+    tile: tuple[int, int]
+    overlap: tuple[int, int]
 
 
 class Encoder(nn.Module):
@@ -160,6 +184,11 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z)))))
 
 
+def to_channels_last(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the layer's output in channels-last memory format (``model.channels_last``)."""
+    return output.contiguous(memory_format=torch.channels_last)
+
+
 class ConvVAE(nn.Module):
     """Convolutional VAE built from a :class:`~vae_train.config.ModelConfig`.
 
@@ -176,6 +205,13 @@ class ConvVAE(nn.Module):
     * ``model.likelihood``, ``model.latent_shape`` (C, h, w), ``model.num_dims``
       (pixels x channels the likelihood scores, for bits/dim), ``model.num_parameters()``,
       ``model.config`` (the ModelConfig it was built from).
+    * ``model.enable_tiling(tile, overlap)`` / ``disable_tiling()`` -- encode and decode
+      larger images in blended tiles (bounded memory).
+
+    Input sizes: ``model.image_size`` (square or ``[H, W]``) goes through ``size_mode``
+    (pad/crop/error); any other ``H x W`` divisible by the downsampling factor is taken
+    as it is (aspect buckets, larger images): the network is fully convolutional.
+    ``latent_shape`` and ``num_dims`` describe ``image_size``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -185,10 +221,25 @@ class ConvVAE(nn.Module):
         self._geometry = _geometry(cfg)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg, self.likelihood.params_per_channel * cfg.in_channels)
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        side = self._geometry.network_size // factor
-        self.latent_shape: tuple[int, int, int] = (cfg.latent_channels, side, side)
-        self.num_dims: int = cfg.in_channels * self._geometry.output_size**2
+        factor = cfg.downsampling_factor
+        nh, nw = self._geometry.network
+        self.latent_shape: tuple[int, int, int] = (cfg.latent_channels, nh // factor, nw // factor)
+        oh, ow = self._geometry.output
+        self.num_dims: int = cfg.in_channels * oh * ow
+        self.tiling: Tiling | None = None
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self, (ResBlock,))
+        if cfg.channels_last:
+            # Activations only: the first convolution of the encoder and of the decoder hands on its output
+            # channels-last, and convolutions, GroupNorm, SiLU and upsampling keep that format, so the network
+            # runs NHWC. Converting the input instead would do nothing for 1-channel images (NCHW and NHWC
+            # strides coincide), and the weights stay contiguous because DeepSpeed views every parameter as
+            # bytes to broadcast and partition it, which a channels-last weight (last stride != 1) refuses.
+            for conv in (self.encoder.conv_in, self.decoder.conv_in):
+                conv.register_forward_hook(to_channels_last)
+        if cfg.compile:
+            self.encoder.compile()
+            self.decoder.compile()
 
     @property
     def size_mode(self) -> str:
@@ -196,13 +247,71 @@ class ConvVAE(nn.Module):
         return self.config.size_mode
 
     @property
-    def output_size(self) -> int:
-        """Side of the images the model scores and produces (image_size unless cropping)."""
-        return self._geometry.output_size
+    def output_size(self) -> int | tuple[int, int]:
+        """Size of the images the model scores and produces for ``image_size`` inputs (image_size unless
+        cropping): an int for square images, else (height, width)."""
+        oh, ow = self._geometry.output
+        return oh if oh == ow and isinstance(self.config.image_size, int) else (oh, ow)
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """(height, width) of the images the model scores and produces for ``image_size`` inputs."""
+        return self._geometry.output
 
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- memory ---------------------------------------------------------------------
+
+    def enable_tiling(self, tile: int | tuple[int, int] | None = None, overlap: int | tuple[int, int] | None = None
+                      ) -> None:
+        """Encode and decode images larger than ``tile`` in overlapping tiles, blended (see :mod:`.tiling`).
+
+        ``tile`` defaults to the training size (``image_size`` rounded to the network's
+        grid), ``overlap`` to a quarter of the tile; both in image pixels, multiples of
+        the downsampling factor. Images no larger than a tile are processed whole, so
+        their results do not change.
+        """
+        factor = self.config.downsampling_factor
+        tile_hw = self._geometry.network if tile is None else ((tile, tile) if isinstance(tile, int) else tile)
+        if overlap is None:
+            overlap_hw = tuple(max(factor, side // 4 // factor * factor) for side in tile_hw)
+        else:
+            overlap_hw = (overlap, overlap) if isinstance(overlap, int) else overlap
+        for name, pair in (("tile", tile_hw), ("overlap", overlap_hw)):
+            if any(v % factor or v < 0 for v in pair):
+                raise ArchitectureError(f"{name} {list(pair)} must be multiples of the downsampling factor {factor}")
+        if any(o >= t for o, t in zip(overlap_hw, tile_hw)) or min(tile_hw) < factor:
+            raise ArchitectureError(f"tiling needs overlap < tile, got tile {list(tile_hw)}, overlap {list(overlap_hw)}")
+        self.tiling = Tiling((int(tile_hw[0]), int(tile_hw[1])), (int(overlap_hw[0]), int(overlap_hw[1])))
+
+    def disable_tiling(self) -> None:
+        """Encode and decode every image whole again."""
+        self.tiling = None
+
+    def _encode_net(self, net_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder on a prepared input, in tiles when tiling is on and the input exceeds a tile."""
+        tiling = self.tiling
+        if tiling is None:
+            return self.encoder(net_input)
+
+        def both(tile: torch.Tensor) -> torch.Tensor:
+            return torch.cat(self.encoder(tile), dim=1)
+
+        moments = tiled_apply(net_input, both, tiling.tile, tiling.overlap, Fraction(1, self.config.downsampling_factor))
+        mu, logvar = moments.chunk(2, dim=1)
+        return mu, logvar
+
+    def _decode_net(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder, in latent tiles when tiling is on and ``z`` exceeds a tile's latent."""
+        tiling = self.tiling
+        if tiling is None:
+            return self.decoder(z)
+        factor = self.config.downsampling_factor
+        tile = (tiling.tile[0] // factor, tiling.tile[1] // factor)
+        overlap = (tiling.overlap[0] // factor, tiling.overlap[1] // factor)
+        return tiled_apply(z, self.decoder, tile, overlap, Fraction(factor))
 
     # -- input handling -------------------------------------------------------------
 
@@ -214,7 +323,9 @@ class ConvVAE(nn.Module):
         data is in range by construction may skip it (see :meth:`forward`).
         """
         cfg = self.config
-        expected = f"[B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}]"
+        height, width = cfg.hw
+        factor = cfg.downsampling_factor
+        expected = f"[B, {cfg.in_channels}, {height}, {width}]"
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputShapeError(f"the model takes image batches of shape {expected}, got {shape}")
@@ -223,10 +334,19 @@ class ConvVAE(nn.Module):
                 f"images have {x.shape[1]} channels but the model was built for model.in_channels="
                 f"{cfg.in_channels}; set model.in_channels={x.shape[1]} or convert the images"
             )
-        if x.shape[2] != cfg.image_size or x.shape[3] != cfg.image_size:
+        if tuple(x.shape[2:]) != (height, width) and (x.shape[2] % factor or x.shape[3] % factor):
             raise InputShapeError(
                 f"images are {x.shape[2]}x{x.shape[3]} but the model was built for model.image_size="
-                f"{cfg.image_size}; set model.image_size, or resize/crop the data (data.resize=true)"
+                f"{height}x{width} and otherwise takes sides divisible by its downsampling factor {factor}; "
+                "set model.image_size, or resize/crop the data (data.resize=true)"
+            )
+        geo = self._geometry
+        if geo.network != geo.output and tuple(x.shape[2:]) == geo.network:
+            # pad mode: its latent would look like a padded image_size one, and decode(z) would crop it
+            raise InputShapeError(
+                f"images are {x.shape[2]}x{x.shape[3]}, the size model.size_mode=pad pads model.image_size="
+                f"{height}x{width} to; the model cannot tell them from padded ones: give {height}x{width} images, "
+                "or any other size divisible by the downsampling factor"
             )
         if not x.is_floating_point():
             raise InputShapeError(
@@ -246,21 +366,31 @@ class ConvVAE(nn.Module):
         """Check ``x`` once and return (network input, likelihood target).
 
         The network input takes the weights' dtype (bf16/fp16 models accept fp32
-        batches); the target keeps the data's precision, so 8-bit levels stay exact.
+        batches); the target keeps
+        the data's precision, so 8-bit levels stay exact. Only ``image_size`` inputs go
+        through ``size_mode``; other (divisible) sizes pass as they are.
         """
         self._check(x, check_range)
         geo = self._geometry
         net_dtype = self.encoder.conv_in.weight.dtype
-        if geo.network_size == self.config.image_size:
+        if tuple(x.shape[2:]) != self.config.hw or geo.network == self.config.hw:
             return x.to(net_dtype), x
-        if geo.network_size > self.config.image_size:  # pad mode
-            before = geo.offset
-            after = geo.network_size - self.config.image_size - before
+        (nh, nw), (top, left) = geo.network, geo.offset
+        if self.config.size_mode == "pad":
+            height, width = self.config.hw
             background = self.likelihood.value_range[0]
-            return F.pad(x, (before, after, before, after), value=background).to(net_dtype), x
-        end = geo.offset + geo.network_size  # crop mode
-        cropped = x[:, :, geo.offset : end, geo.offset : end]
+            padding = (left, nw - width - left, top, nh - height - top)
+            return F.pad(x, padding, value=background).to(net_dtype), x
+        cropped = x[:, :, top : top + nh, left : left + nw]  # crop mode
         return cropped.to(net_dtype), cropped
+
+    def _unpad(self, params: torch.Tensor) -> torch.Tensor:
+        """Drop the pad-mode padding from decoder output at the padded training size (else unchanged)."""
+        geo = self._geometry
+        if geo.network == geo.output or tuple(params.shape[2:]) != geo.network:
+            return params
+        (oh, ow), (top, left) = geo.output, geo.offset
+        return params[:, :, top : top + oh, left : left + ow]
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """The checked input as the likelihood scores it (centre-cropped in crop mode)."""
@@ -269,17 +399,36 @@ class ConvVAE(nn.Module):
     # -- the VAE --------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters ``(mu, logvar)`` of q(z|x), each ``[B, *latent_shape]``."""
-        return self.encoder(self._prepare(x)[0])
+        """Posterior parameters ``(mu, logvar)`` of q(z|x), each ``[B, latent_channels, H/f, W/f]``
+        (``[B, *latent_shape]`` for ``image_size`` inputs)."""
+        return self._encode_net(self._prepare(x)[0])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters for latents ``z``, cropped to the image the model describes."""
-        params = self.decoder(z)
-        geo = self._geometry
-        if geo.network_size > geo.output_size:  # pad mode: drop the padding again
-            end = geo.offset + geo.output_size
-            params = params[:, :, geo.offset : end, geo.offset : end]
-        return params
+        """Likelihood parameters for latents ``z``: a latent of ``latent_shape`` decodes to the image the
+        model describes (pad mode's padding dropped), other latent sizes to ``f`` times their size."""
+        return self._decode_for(z, None)
+
+    def latent_shape_for(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+        """The latent shape (C, h, w) of an ``image_hw`` (H, W) input (``latent_shape`` for ``image_size``)."""
+        if tuple(image_hw) == self.config.hw:
+            return self.latent_shape
+        factor = self.config.downsampling_factor
+        return (self.config.latent_channels, image_hw[0] // factor, image_hw[1] // factor)
+
+    def num_dims_for(self, image_hw: tuple[int, int]) -> int:
+        """Pixels x channels the likelihood scores for an ``image_hw`` (H, W) input (``num_dims`` for ``image_size``)."""
+        if tuple(image_hw) == self.config.hw:
+            return self.num_dims
+        return self.config.in_channels * image_hw[0] * image_hw[1]
+
+    def _decode_for(self, z: torch.Tensor, image_hw: tuple[int, int] | None) -> torch.Tensor:
+        """Decode ``z``; drop pad-mode padding when it came from an ``image_size`` input (or, with
+        ``image_hw`` None, when ``z`` has the configured latent shape: unambiguous, because :meth:`_check`
+        refuses inputs of exactly the padded size)."""
+        params = self._decode_net(z)
+        from_image_size = image_hw == self.config.hw if image_hw is not None else (
+            tuple(z.shape[1:]) == self.latent_shape)
+        return self._unpad(params) if from_image_size else params
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, check_range: bool = True
                 ) -> VAEOutput:
@@ -291,11 +440,11 @@ class ConvVAE(nn.Module):
         every image into the likelihood's range by construction.
         """
         net_input, target = self._prepare(x, check_range)
-        mu, logvar = self.encoder(net_input)
+        mu, logvar = self._encode_net(net_input)
         z, kl, kl_per_channel = reparam_kl(
             mu, logvar, generator=generator, return_per_channel=True, impl=self.config.reparam
         )
-        params = self.decode(z)
+        params = self._decode_for(z, tuple(x.shape[2:]))
         recon_nll = -self.likelihood.log_prob(target, params)
         return VAEOutput(
             recon_nll=recon_nll,
@@ -318,6 +467,6 @@ class ConvVAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstructions: the likelihood's mean of ``decode(mu)``."""
+        """Deterministic reconstructions: the likelihood's mean of ``decode(mu)`` (tiled when enabled)."""
         mu, _ = self.encode(x)
-        return self.likelihood.mean(self.decode(mu))
+        return self.likelihood.mean(self._decode_for(mu, tuple(x.shape[2:])))
