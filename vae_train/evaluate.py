@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from vae_train import distributed
 from vae_train.errors import VaeTrainError
+from vae_train.latents import LatentError, latent_statistics, statistics_scalars
 from vae_train.model import ConvVAE, bits_per_dim
 from vae_train.ops.reference import soft_clamp_logvar
 
@@ -256,7 +257,9 @@ def evaluate_stream(
     ``psnr_db``, ``ssim``; ``nonfinite_images`` (images whose negative ELBO or IW
     NLL is not finite: excluded from the means and counted here, never hidden);
     ``skipped_samples`` (samples the stream masked out as damaged or mis-sized, when
-    it reports them through a ``stats()`` method like :class:`vae_train.data.ValStream`).
+    it reports them through a ``stats()`` method like :class:`vae_train.data.ValStream`);
+    the posterior-mean latent statistics of :mod:`vae_train.latents` as scalars
+    (``latent_scaling_factor``, ``latent_shift_factor``, ``latent_mean_cN``, ``latent_std_cN``).
     """
     vae = _unwrap(model)
     if iw_samples < 0:
@@ -339,4 +342,19 @@ def _summarize(vae: ConvVAE, sums: torch.Tensor, iw_samples: int, active_thresho
         nonfinite_images=nonfinite,
         skipped_samples=int(sums[2]),
     )
+    metrics.update(_latent_scalars(vae, sums, count))
     return metrics
+
+
+def _latent_scalars(vae: ConvVAE, sums: torch.Tensor, count: int) -> dict[str, float]:
+    """Posterior-mean statistics (``latent_scaling_factor``, ``latent_shift_factor``, per-channel
+    ``latent_mean_cN``/``latent_std_cN``) from the mu sums already kept for active units."""
+    channels = vae.latent_shape[0]
+    units = math.prod(vae.latent_shape)
+    per_channel = sums[_OFFSET:].view(2, channels, units // channels).sum(2)
+    try:
+        stats = latent_statistics(torch.full((channels,), float(count * (units // channels)), dtype=torch.float64),
+                                  per_channel[0], per_channel[1])
+    except LatentError:  # constant latents: no factor to report (validation goes on)
+        return {}
+    return statistics_scalars(stats)
