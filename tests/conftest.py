@@ -10,5 +10,6 @@ pytest_plugins: list[str] = [
     "tests.fixtures.s3",
     "tests.fixtures.data",
     "tests.fixtures.trained_vae",
+    "tests.fixtures.exported_vae",
     "tests.fixtures.slurm",
 ]

@@ -166,17 +166,19 @@ def latent_statistics_pass(
     """Latent statistics of ``model`` over a (per-rank) stream, reduced over every rank.
 
     ``batches`` yields ``image`` ``[B, C, H, W]``, ``key`` and optionally ``mask`` (as
-    :func:`vae_train.data.build_val_stream` does). ``max_images`` > 0 caps the images
-    over all ranks: rank r takes at most its share ``(r+1)*N//R - r*N//R``, so the
-    images measured do not depend on which rank runs first. Every rank gets the
-    same dict: :func:`latent_statistics` plus ``images`` and ``latents``.
+    :func:`vae_train.data.build_val_stream` does). ``max_images`` > 0 measures the first
+    ``max_images`` images of the split whatever the number of ranks: a validation
+    stream (it has ``num_samples``) gives rank r the positions
+    ``[r*T//R, (r+1)*T//R)``, so rank r takes the part of ``[0, max_images)`` inside
+    them; another iterable takes an even share per rank. Every rank gets the same
+    dict: :func:`latent_statistics` plus ``images`` and ``latents``.
     """
     if latents not in LATENTS:
         raise LatentError(f"latents must be one of {', '.join(LATENTS)}, got {latents!r}")
     if max_images < 0:
         raise LatentError(f"--max-images must be >= 0 (0 = all), got {max_images}")
     rank, world = distributed.rank(), distributed.world_size()
-    quota = (rank + 1) * max_images // world - rank * max_images // world if max_images else None
+    quota = _quota(max_images, getattr(batches, "num_samples", None), rank, world) if max_images else None
     device = next(model.parameters()).device
     moments: LatentMoments | None = None
     images = 0
@@ -205,3 +207,11 @@ def latent_statistics_pass(
     reduced = (moments or LatentMoments(known[0])).all_reduced()
     count = distributed.all_reduce_sum(torch.tensor([float(images)], dtype=torch.float64))
     return {"images": int(count.item()), "latents": latents, **reduced.summary()}
+
+
+def _quota(max_images: int, total: int | None, rank: int, world: int) -> int:
+    """Images rank ``rank`` measures so that all ranks together measure the split's first ``max_images``."""
+    if total is None:
+        return (rank + 1) * max_images // world - rank * max_images // world
+    start, end = rank * total // world, (rank + 1) * total // world
+    return max(0, min(max_images, end) - start)
