@@ -14,6 +14,7 @@ from tests.launching import free_port
 from vae_train.cli import main
 from vae_train.config import ModelConfig
 from vae_train.data.decode import DecodeSpec, SampleRejected, decode_sample
+from vae_train.encode import safetensors_members
 from vae_train.evaluate import evaluate_stream
 from vae_train.latents import LatentError, LatentMoments, draw, keyed_noise, latent_statistics_pass, posterior
 from vae_train.model import ConvVAE
@@ -141,6 +142,12 @@ def test_latent_samples_decode_to_float32_and_bad_ones_are_rejected(dtype: torch
         with pytest.raises(SampleRejected) as info:
             decode_sample("k", members, spec, None)
         assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_encode_writes_what_safetensors_writes(dtype: torch.dtype) -> None:
+    batch = torch.randn(3, 8, 5, 5).to(dtype)
+    assert safetensors_members(batch) == [save({"latents": row.clone()}) for row in batch]
 
 
 def test_commands_give_clear_errors_on_bad_input(exported_vae: Path, fashion_shards: Path, tmp_path: Path,
