@@ -27,8 +27,8 @@ complete, one object upload for S3) and output handling
 same plan keeps every finished shard; another model or other options are refused
 unless ``--overwrite``.
 
-Speed: DataLoader workers read and decode the input shards, the main thread only
-encodes, and a writer thread serializes, writes and uploads, so the model is busy
+Speed: DataLoader workers read and decode the input shards, the main process only
+encodes, and a writer process serializes, writes and uploads, so the model is busy
 while the rest happens (``benchmarks/encode_throughput.py`` compares it with a bare
 ``model.encode`` loop).
 """
@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import queue
-import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ ENCODE_PLAN = "encode.json"
 STATS_DIR = "_stats"
 LATENT_KINDS = ("mean_logvar", "sample")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_QUEUE_BATCHES = 8  # encoded batches waiting for the writer thread (bounds memory, keeps the model busy)
+_QUEUE_BATCHES = 8  # encoded batches waiting for the writer process (bounds memory, keeps the model busy)
 
 
 @dataclass(frozen=True)
@@ -188,118 +187,147 @@ def _loader(dataset: _ShardBatches, num_workers: int, timeout_s: float) -> Itera
 # -------------------------------------------------------------------------------- writing
 
 
-@dataclass
-class _OpenShard:
-    writer: ShardWriter
-    moments: LatentMoments
-    skipped: Counter = field(default_factory=Counter)
-
-
-class _ShardSink:
-    """The writer thread: serializes encoded batches into their shards, commits and uploads them.
-
-    Per shard, the statistics sidecar is stored before the shard is committed, so a
-    finished shard always has its statistics. An error in the thread is raised in the
-    caller at its next :meth:`put` or at :meth:`close`.
-    """
-
-    def __init__(self, output: ShardOutput, fingerprint: str, channels: int) -> None:
-        self.output, self.fingerprint, self.channels = output, fingerprint, channels
-        self.open: dict[str, _OpenShard] = {}
-        self.records: list[ShardRecord] = []
-        self.moments = LatentMoments(channels)
-        self.skipped: Counter[str] = Counter()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_BATCHES)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="encode-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, item: tuple[Any, ...]) -> None:
-        while True:
-            self._raise_if_failed()
-            try:
-                self._queue.put(item, timeout=1.0)
-                return
-            except queue.Full:
-                continue
-
-    def close(self) -> None:
-        """Wait for every queued batch to be written; re-raise a writer error."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_if_failed()
-
-    def abort(self) -> None:
-        """Stop after an error elsewhere: drop the open shards' temporary files."""
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
-        self._thread.join(timeout=60)
-        for shard in self.open.values():
-            shard.writer.abort()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            while (item := self._queue.get()) is not None:
-                self._write(*item)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            self._error = exc
-            while True:  # unblock a producer waiting on a full queue
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-
-    def _write(self, job: EncodeJob, keys: list[str], latents: torch.Tensor, stats_of: torch.Tensor,
-               extras: list[dict[str, bytes]], last: bool, skipped: dict[str, int]) -> None:
-        shard = self.open.get(job.name)
-        if shard is None:
-            shard = self.open[job.name] = _OpenShard(ShardWriter(self.output.local_dir / job.name),
-                                                    LatentMoments(self.channels))
-        if len(keys):
-            shard.moments.add(stats_of)
-        for key, blob, members in zip(keys, safetensors_members(latents), extras):
-            shard.writer.add(key, {**members, LATENT_MEMBER: blob})
-        shard.skipped.update(skipped)
-        if last:
-            self._commit(job, self.open.pop(job.name))
-
-    def _commit(self, job: EncodeJob, shard: _OpenShard) -> None:
-        stats = {"fingerprint": self.fingerprint, "sums": shard.moments.sums.tolist(),
-                 "num_samples": shard.writer.num_samples, "skipped": dict(shard.skipped)}
-        self.output.write_text(_stats_name(job.name), json.dumps(stats))
-        record = shard.writer.commit()
-        if self.output.remote:
-            upload_shard(self.output.store, self.output.local_dir / job.name, record)
-        self.records.append(record)
-        self.moments.sums += shard.moments.sums
-        self.skipped.update(shard.skipped)
-
-
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _safetensors_parts(latents: torch.Tensor) -> tuple[bytes, np.ndarray]:
+    """``(prefix, rows)``: the header every sample of the batch shares, and each row's raw bytes ``[B, n]``."""
+    raw = latents.detach().cpu().contiguous().view(torch.uint8).reshape(len(latents), -1).numpy()
+    header = json.dumps({LATENT_TENSOR: {"dtype": _SAFETENSORS_DTYPES[latents.dtype], "shape": list(latents.shape[1:]),
+                                         "data_offsets": [0, raw.shape[1]]}}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header, raw
 
 
 def safetensors_members(latents: torch.Tensor) -> list[bytes]:
     """One safetensors file per row of ``latents`` ``[B, ...]``, each holding tensor ``latents``.
 
     The bytes ``safetensors.torch.save({"latents": row})`` writes (8-byte header length, JSON
-    header padded with spaces to 8 bytes, raw little-endian data), built once per batch:
-    calling ``save`` per sample cost more than encoding a 28x28 image with a small model.
+    header padded with spaces to 8 bytes, raw little-endian data), with the header built once
+    per batch: calling ``save`` per sample cost more than encoding a 28x28 image with a small model.
     """
     if len(latents) == 0:
         return []
-    shape = list(latents.shape[1:])
-    raw = latents.detach().cpu().contiguous().view(torch.uint8).reshape(len(latents), -1).numpy()
-    header = json.dumps({LATENT_TENSOR: {"dtype": _SAFETENSORS_DTYPES[latents.dtype], "shape": shape,
-                                         "data_offsets": [0, raw.shape[1]]}}, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    prefix = len(header).to_bytes(8, "little") + header
+    prefix, raw = _safetensors_parts(latents)
     return [prefix + row.tobytes() for row in raw]
+
+
+@dataclass
+class _OpenShard:
+    writer: ShardWriter
+    sums: np.ndarray
+    skipped: Counter = field(default_factory=Counter)
+
+
+def _sink_process(tasks: Any, results: Any, out: str, s3_cfg: Any, local_dir: str, fingerprint: str) -> None:
+    """The writer process: batches -> shards (stats sidecar stored first, then commit, then upload).
+
+    A separate process, not a thread: tar writing is Python code that would hold the GIL
+    the encoding thread needs between its kernels (measured: a busy writer thread halved
+    a small model's encode speed). Uses no torch (it may be forked after torch started threads).
+    """
+    from vae_train.storage import open_store
+
+    store = open_store(out, s3_cfg)
+    remote = out.startswith("s3://")
+    shards: dict[str, _OpenShard] = {}
+    try:
+        while (task := tasks.get()) is not None:
+            name, keys, prefix, raw, extras, sums, last, skipped = task
+            shard = shards.get(name)
+            if shard is None:
+                shard = shards[name] = _OpenShard(ShardWriter(Path(local_dir) / name), np.zeros_like(sums))
+            shard.sums += sums
+            for key, row, members in zip(keys, raw, extras):
+                shard.writer.add(key, {**members, LATENT_MEMBER: prefix + row.tobytes()})
+            shard.skipped.update(skipped)
+            if last:
+                shards.pop(name)
+                stats = {"fingerprint": fingerprint, "sums": shard.sums.tolist(),
+                         "num_samples": shard.writer.num_samples, "skipped": dict(shard.skipped)}
+                store.put_bytes(json.dumps(stats).encode(), _stats_name(name))
+                record = shard.writer.commit()
+                if remote:
+                    upload_shard(store, Path(local_dir) / name, record)
+                results.put(("record", record.__dict__, stats["sums"], stats["skipped"]))
+    except BaseException as exc:  # noqa: BLE001 - reported to the encoding process
+        results.put(("error", f"writing latent shards failed: {type(exc).__name__}: {exc}"))
+    finally:
+        for shard in shards.values():  # only after an error or an abort: no partial shard is left
+            shard.writer.abort()
+        results.put(("done",))
+
+
+class _ShardSink:
+    """The encoding process's end of the writer process: bounded hand-over, errors raised here."""
+
+    def __init__(self, output: ShardOutput, fingerprint: str, s3_cfg: Any) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self._tasks = context.Queue(maxsize=_QUEUE_BATCHES)
+        self._results = context.Queue()
+        self.records: list[ShardRecord] = []
+        self.sums: list[list[list[float]]] = []
+        self.skipped: Counter[str] = Counter()
+        self._done = False
+        self._process = context.Process(target=_sink_process, name="encode-writer", daemon=True,
+                                        args=(self._tasks, self._results, output.out, s3_cfg,
+                                              str(output.local_dir), fingerprint))
+        self._process.start()
+
+    def put(self, name: str, keys: list[str], latents: torch.Tensor, sums: np.ndarray,
+            extras: list[dict[str, bytes]], last: bool, skipped: dict[str, int]) -> None:
+        """Hand one encoded batch to the writer (blocks while it is ``_QUEUE_BATCHES`` behind)."""
+        prefix, raw = _safetensors_parts(latents) if keys else (b"", np.zeros((0, 0), np.uint8))
+        task = (name, keys, prefix, raw, extras, sums, last, skipped)
+        while True:
+            self._drain(block=False)
+            try:
+                self._tasks.put(task, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Wait until every handed-over batch is written; raise the writer's error if it had one."""
+        self._tasks.put(None)
+        while not self._done:
+            self._drain(block=True)
+        self._process.join()
+
+    def abort(self) -> None:
+        """Stop the writer after an error here; it deletes the temporary files of unfinished shards."""
+        try:
+            self._tasks.put(None, timeout=5.0)
+            self._process.join(timeout=60)
+        except (queue.Full, ValueError, OSError):
+            pass
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+
+    def _drain(self, block: bool) -> None:
+        """Collect the writer's messages: shard records, an error (raised), or its end."""
+        while not self._done:
+            try:
+                message = self._results.get(timeout=1.0) if block else self._results.get_nowait()
+            except queue.Empty:
+                if block and not self._process.is_alive():
+                    raise DataError(f"the latent shard writer process died (exit code {self._process.exitcode}); "
+                                    "finished shards are kept: run the same command again") from None
+                if not block:
+                    return
+                continue
+            if message[0] == "record":
+                self.records.append(ShardRecord(**message[1]))
+                self.sums.append(message[2])
+                self.skipped.update(message[3])
+            elif message[0] == "error":
+                self._done = True
+                raise DataError(message[1])
+            else:
+                self._done = True
 
 
 def _stats_name(shard_name: str) -> str:
@@ -366,7 +394,7 @@ def encode_jobs(
     device = next(model.parameters()).device
     target = DTYPES[options.dtype]
     by_index = dict(todo)
-    sink = _ShardSink(output, fingerprint, channels)
+    sink = _ShardSink(output, fingerprint, s3_cfg)
     bar = tqdm(unit="img", desc="encode", disable=not progress or None)
     try:
         loader = _loader(_ShardBatches(todo, spec, batch_size, strict, s3_cfg), min(num_workers, len(todo)),
@@ -375,17 +403,18 @@ def encode_jobs(
             if "__error__" in item:
                 raise DataError(item["__error__"])
             job, keys = by_index[item["job"]], item["key"]
+            batch_moments = LatentMoments(channels)
+            latents = torch.zeros(0)
             if keys:
                 mean, logvar = posterior(model, item["image"].to(device, non_blocking=True))
                 if options.latents == "mean_logvar":
                     latents, stats_of = torch.cat([mean, logvar], dim=1), mean
                 else:
                     latents = stats_of = draw(mean, logvar, keys, options.seed)
-                latents = latents.to(target).cpu()
-                stats_of = stats_of.cpu()
-            else:
-                latents = stats_of = torch.zeros(0)
-            sink.put((job, keys, latents, stats_of, item["extras"], item["last"], item["skipped"]))
+                batch_moments.add(stats_of)
+                latents = latents.to(target)
+            sink.put(job.name, keys, latents, batch_moments.sums.numpy(), item["extras"], item["last"],
+                     item["skipped"])
             bar.update(len(keys))
         sink.close()
     except BaseException:
@@ -394,7 +423,8 @@ def encode_jobs(
     finally:
         bar.close()
     result.records += sink.records
-    result.moments.sums += sink.moments.sums
+    for sums in sink.sums:
+        result.moments.sums += torch.tensor(sums, dtype=torch.float64)
     result.skipped.update(sink.skipped)
     result.written = len(sink.records)
     return result
