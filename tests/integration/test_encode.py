@@ -170,17 +170,18 @@ def test_encode_to_s3_and_read_back(exported_vae: Path, fashion_shards: Path, s3
 
 
 def test_latent_stats_on_one_and_two_ranks_agree(exported_vae: Path, fashion_shards: Path, tmp_path: Path) -> None:
-    # batches of 50 start at rank 1's first position (1350) too, so both runs encode the same fp32 batches
-    # (a convolution's rounding may depend on the batch); what may differ is the float64 reduction order.
-    args = ["latent-stats", "--checkpoint", str(exported_vae), "--data", f"{fashion_shards}#train", "--latents",
-            "sample", "--seed", "3", "--max-images", "2001", "--batch-size", "50"]
+    # The val split (300 images) splits at 150 over 2 ranks; batches of 50 start there too, so both runs
+    # encode the same fp32 batches (a convolution's rounding may depend on the batch) and what may differ
+    # is the float64 reduction order. 251 images: rank 0 measures 150 of them, rank 1 the other 101.
+    args = ["latent-stats", "--checkpoint", str(exported_vae), "--data", f"{fashion_shards}#val", "--latents",
+            "sample", "--seed", "3", "--max-images", "251", "--batch-size", "50"]
     assert main([*args, "--out", str(tmp_path / "one.json"), "data.num_workers=0"]) == 0
     done = run(torchrun("-m", "vae_train", *args, "--out", str(tmp_path / "two.json"), "data.num_workers=1"),
                timeout_s=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["world_size"] == 1 and two["world_size"] == 2
-    assert one["images"] == two["images"] == 2001 and one["latents"] == two["latents"] == "sample"
+    assert one["images"] == two["images"] == 251 and one["latents"] == two["latents"] == "sample"
     for key in ("scaling_factor", "shift_factor", "std"):
         assert two[key] == pytest.approx(one[key], rel=1e-12)
     np.testing.assert_allclose(two["latents_std"], one["latents_std"], rtol=1e-12)
