@@ -509,7 +509,10 @@ def build_train_stream(
     likelihood's: (0, 1) for Bernoulli, (-1, 1) otherwise; ``data_cfg.binarize``
     must be resolved (a DataConfig inside a Config is). ``seed`` with rank and
     worker seeds every random choice, so two runs with the same arguments produce
-    identical batches.
+    identical batches. ``sample_kind="latents"`` reads latent shards of ``vae-train
+    encode`` instead of images: ``channels`` x ``image_size``^2 is then the stored latent
+    shape (index.json meta ``latent_shape``), batches carry ``latents`` instead of
+    ``image``, and nothing is augmented.
     """
     _check_rank(rank, world_size)
     if micro_batch_size < 1:
@@ -654,6 +657,7 @@ def build_val_stream(
     Needs per-shard sample counts (a directory or S3 prefix with index.json), so
     that ranks can split the samples without reading them first. No augmentation;
     ``binarize: dynamic`` validates with the ``fixed`` draw (the same bits every time).
+    ``sample_kind="latents"``: as in :func:`build_train_stream`.
     """
     _check_rank(rank, world_size)
     if batch_size < 1:
