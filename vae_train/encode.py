@@ -92,6 +92,7 @@ class EncodeJob:
 
     url: str
     name: str
+    num_samples: int | None = None  # from the input's index.json; checked after reading
 
 
 def plan_jobs(sources: Sequence[Source], default_split: str = "train") -> list[EncodeJob]:
@@ -100,7 +101,7 @@ def plan_jobs(sources: Sequence[Source], default_split: str = "train") -> list[E
     for source in sources:
         split = split_name(source.spec, default_split)
         for shard in source.shards:
-            jobs.append(EncodeJob(shard.url, f"{split}-{numbers[split]:06d}.tar"))
+            jobs.append(EncodeJob(shard.url, f"{split}-{numbers[split]:06d}.tar", shard.num_samples))
             numbers[split] += 1
     return jobs
 
@@ -156,8 +157,10 @@ class _ShardBatches(IterableDataset):
             images.clear(), keys.clear(), extras.clear(), skipped.clear()
             return item
 
+        read = 0
         try:
             for key, members in iter_shard(job.url):
+                read += 1
                 try:
                     image, _ = decode_sample(key, members, self.spec, None)
                 except SampleRejected as rej:
@@ -174,6 +177,10 @@ class _ShardBatches(IterableDataset):
         except ShardReadError as exc:
             raise DataError(f"cannot read input shard {exc}; its output shard {job.name} is not written "
                             "(finished shards are kept: fix the input and run the same command again)") from None
+        if job.num_samples is not None and read != job.num_samples:
+            raise DataError(f"input shard {job.url} holds {read} samples but its index.json says {job.num_samples} "
+                            f"(truncated or replaced?); its output shard {job.name} is not written (finished shards "
+                            "are kept: fix the input and run the same command again)")
         yield batch(last=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -188,3 +189,19 @@ def test_latent_stats_on_one_and_two_ranks_agree(exported_vae: Path, fashion_sha
         assert two[key] == pytest.approx(one[key], rel=1e-12)
     np.testing.assert_allclose(two["latents_std"], one["latents_std"], rtol=1e-12)
     np.testing.assert_allclose(two["latents_mean"], one["latents_mean"], rtol=1e-12, atol=1e-15)
+
+
+def test_a_damaged_input_shard_stops_encode_cleanly(exported_vae: Path, fashion_shards: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(fashion_shards, shards)
+    damaged = shards / "train-000002.tar"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2] + b"\x00garbage" * 100)
+    out = tmp_path / "latents"
+    assert main(["encode", "--checkpoint", str(exported_vae), "--data", str(shards), "--out", str(out),
+                 "--binarize", "none", "--no-progress", "data.num_workers=0"]) == 2
+    err = capsys.readouterr().err
+    assert "train-000002.tar" in err and "finished shards are kept" in err
+    assert not (out / "index.json").exists() and not (out / "train-000002.tar").exists()
+    assert not list(out.glob(".*partial")), "an aborted shard left its temporary file"
+    assert (out / "train-000000.tar").exists()  # shards finished before the damaged one are kept
