@@ -122,7 +122,9 @@ def test_killed_encode_resumes_without_duplicates(exported_vae: Path, fashion_sh
     proc = start([sys.executable, "-m", "vae_train", *args, "--batch-size", "1", "data.num_workers=0"],
                  env=clean_env())
     deadline = time.monotonic() + 120
-    while not list(out.glob("train-*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+    # kill once a shard is finished and the next one is being written (batches of 1: a shard takes seconds)
+    while (not list(out.glob("train-*.tar")) or not list(out.glob(".train-*.partial"))) \
+            and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     kill_group(proc)
     tail = finish(proc).stdout[-2000:]
