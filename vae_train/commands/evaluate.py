@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from vae_train.config import Config
     from vae_train.distributed import LaunchEnv
-    from vae_train.model import ConvVAE
+    from vae_train.model import VAE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -146,13 +146,13 @@ def process_group(args: argparse.Namespace, cfg: Config, env: LaunchEnv) -> Iter
             dist.destroy_process_group()
 
 
-def _load(args: argparse.Namespace, cfg: Config, device: torch.device) -> ConvVAE:
+def _load(args: argparse.Namespace, cfg: Config, device: torch.device) -> VAE:
     import vae_train
 
     return vae_train.load_model(args.checkpoint, s3_cfg=cfg.s3, map_location=str(device))
 
 
-def _stream(args: argparse.Namespace, cfg: Config, model: ConvVAE, rank: int = 0, world_size: int = 1) -> Any:
+def _stream(args: argparse.Namespace, cfg: Config, model: VAE, rank: int = 0, world_size: int = 1) -> Any:
     """The validation stream of ``--data`` decoded for this model (its size, channels and range)."""
     from vae_train.data import build_val_stream
     from vae_train.evaluate import EvalError
@@ -350,7 +350,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
-def interpolation_rows(model: ConvVAE, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+def interpolation_rows(model: VAE, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
     """``[P, steps + 2, C, H, W]``: each row is input a, decodes of the linear path between the
     posterior means of a and b (both ends included), input b."""
     import torch
