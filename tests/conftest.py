@@ -11,5 +11,6 @@ pytest_plugins: list[str] = [
     "tests.fixtures.data",
     "tests.fixtures.photos",
     "tests.fixtures.trained_vae",
+    "tests.fixtures.exported_vae",
     "tests.fixtures.slurm",
 ]

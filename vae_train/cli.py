@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vae_train.commands.evaluate",
     "vae_train.commands.export",
     "vae_train.commands.import_weights",
+    "vae_train.commands.latents",
     "vae_train.commands.build_ops",
 )
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from vae_train import distributed
 from vae_train.errors import VaeTrainError
+from vae_train.latents import LatentError, latent_statistics, statistics_scalars
 from vae_train.model import VAE, VAE_TYPES, bits_per_dim
 from vae_train.ops.reference import soft_clamp_logvar
 
@@ -257,7 +258,9 @@ def evaluate_stream(
     ``psnr_db``, ``ssim``; ``nonfinite_images`` (images whose negative ELBO or IW
     NLL is not finite: excluded from the means and counted here, never hidden);
     ``skipped_samples`` (samples the stream masked out as damaged or mis-sized, when
-    it reports them through a ``stats()`` method like :class:`vae_train.data.ValStream`).
+    it reports them through a ``stats()`` method like :class:`vae_train.data.ValStream`);
+    the posterior-mean latent statistics of :mod:`vae_train.latents` as scalars
+    (``latent_scaling_factor``, ``latent_shift_factor``, ``latent_mean_cN``, ``latent_std_cN``).
     ``image_hw`` (H, W) is the size of the stream's images when it is not the model's
     ``image_size`` (larger images, tiled with :meth:`ConvVAE.enable_tiling`): the latent
     units and bits/dim are counted for that size.
@@ -346,4 +349,19 @@ def _summarize(sums: torch.Tensor, iw_samples: int, active_threshold: float, lat
         nonfinite_images=nonfinite,
         skipped_samples=int(sums[2]),
     )
+    metrics.update(_latent_scalars(latent_shape, sums, count))
     return metrics
+
+
+def _latent_scalars(latent_shape: tuple[int, ...], sums: torch.Tensor, count: int) -> dict[str, float]:
+    """Posterior-mean statistics (``latent_scaling_factor``, ``latent_shift_factor``, per-channel
+    ``latent_mean_cN``/``latent_std_cN``) from the mu sums already kept for active units."""
+    channels = latent_shape[0]
+    units = math.prod(latent_shape)
+    per_channel = sums[_OFFSET:].view(2, channels, units // channels).sum(2)
+    try:
+        stats = latent_statistics(torch.full((channels,), float(count * (units // channels)), dtype=torch.float64),
+                                  per_channel[0], per_channel[1])
+    except LatentError:  # constant latents: no factor to report (validation goes on)
+        return {}
+    return statistics_scalars(stats)

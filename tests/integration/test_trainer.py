@@ -90,7 +90,8 @@ def test_tensorboard_has_scalars_images_and_histograms(zero_runs: dict[int, Path
     expected = {f"train/{name}" for name in ("loss", "recon", "kl", "beta", "lr", "grad_norm", "skipped_steps",
                                              "images_per_s", "data_wait_fraction", "bits_per_dim",
                                              "active_channels")}
-    expected |= {"val/nelbo_nats", "val/nelbo_bpd", "val/active_channels", "val/psnr_db"}
+    expected |= {"val/nelbo_nats", "val/nelbo_bpd", "val/active_channels", "val/psnr_db",
+                 "val/latent_scaling_factor", "val/latent_shift_factor", "val/latent_mean_c0", "val/latent_std_c3"}
     assert expected <= set(tags["scalars"])
     assert len(events.Scalars("train/loss")) == 10
     assert [e.step for e in events.Scalars("val/nelbo_nats")] == [5, 10]

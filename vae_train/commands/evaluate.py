@@ -29,6 +29,8 @@ the stream and the sums are all-reduced, so every sample counts exactly once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     import torch
 
     from vae_train.config import Config
+    from vae_train.distributed import LaunchEnv
     from vae_train.model import VAE
 
 
@@ -174,6 +177,31 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def process_group(args: argparse.Namespace, cfg: Config, env: LaunchEnv) -> Iterator[torch.device]:
+    """This rank's device, inside a process group when the launcher started several ranks.
+
+    One process uses ``--device``; under torchrun / accelerate / srun each rank takes the
+    device and backend training would (``engine.choose_device``), and the group is
+    destroyed on the way out if this call started it.
+    """
+    if env.world_size == 1:
+        yield _device(args.device)
+        return
+    import torch.distributed as dist
+
+    from vae_train.distributed import init_process_group
+    from vae_train.engine import choose_device
+
+    device, backend = choose_device(env, cfg.distributed.backend)
+    started_group = init_process_group(env, backend, device, cfg.distributed.timeout_s)
+    try:
+        yield device
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
 def _load(args: argparse.Namespace, cfg: Config, device: torch.device) -> VAE:
     import vae_train
 
@@ -239,10 +267,7 @@ def _check_count(name: str, value: int, minimum: int = 1) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
-    import torch.distributed as dist
-
-    from vae_train.distributed import detect_launch_env, init_process_group
-    from vae_train.engine import choose_device
+    from vae_train.distributed import detect_launch_env
     from vae_train.evaluate import evaluate_stream
 
     if args.iw_samples is not None:
@@ -251,13 +276,7 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = _settings(args)
     env = detect_launch_env()
     out = _output_path(args.out, "the metrics") if (args.out and env.is_main) else None
-    started_group = False
-    if env.world_size > 1:
-        device, backend = choose_device(env, cfg.distributed.backend)
-        started_group = init_process_group(env, backend, device, cfg.distributed.timeout_s)
-    else:
-        device = _device(args.device)
-    try:
+    with process_group(args, cfg, env) as device:
         model = _load(args, cfg, device)
         image_hw = _apply_size_options(args, model)
         stream = _stream(args, cfg, model, env.rank, env.world_size, image_hw)
@@ -270,9 +289,6 @@ def run_eval(args: argparse.Namespace) -> int:
             seed=args.seed,
             image_hw=image_hw,
         )
-    finally:
-        if started_group:
-            dist.destroy_process_group()
     if not env.is_main:
         return 0
     report = {"checkpoint": args.checkpoint, "data": args.data, "world_size": env.world_size, **metrics}

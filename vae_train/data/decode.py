@@ -28,6 +28,10 @@ draws each pixel from Bernoulli(intensity) with the worker's seeded generator on
 every read (so the exact-resume property still holds: the generator's state is
 part of the stream state); ``fixed`` draws with a generator seeded by the sample's
 key, so a sample binarizes identically in every run, rank and worker.
+
+Latent shards (``vae-train encode``; ``DecodeSpec.kind == "latents"``) hold, per sample,
+a safetensors member with one tensor ``latents`` ``[C, h, w]`` (fp32, bf16 or fp16):
+decoded to float32 and checked against the expected shape, never unpickled.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+LATENT_MEMBER = "safetensors"
+"""The member (extension) of a latent sample that holds its tensor."""
+LATENT_TENSOR = "latents"
+"""The tensor's name inside that member: ``[C, h, w]``, the posterior mean and log-variance stacked
+along C (LDM's "moments", ``mean_logvar``) or one posterior sample."""
+SAMPLE_KINDS = ("image", "latents")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff", "gif")
 _ALPHA_MODES = {"RGBA": "RGB", "LA": "L", "PA": "RGB"}
 """Modes with an alpha channel -> the mode left once a fully opaque alpha is dropped."""
@@ -63,6 +73,12 @@ class DecodeSpec:
     resize: bool = False
     random_crop: bool = False
     random_flip: bool = False
+    kind: str = "image"  # one of SAMPLE_KINDS; "latents": channels x image_size^2 is the latent shape
+
+    @property
+    def field(self) -> str:
+        """The batch entry the decoded samples go to: ``image`` or ``latents``."""
+        return "latents" if self.kind == "latents" else "image"
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -165,6 +181,8 @@ def decode_sample(key: str, members: dict[str, bytes], spec: DecodeSpec,
     """
     from PIL import Image
 
+    if spec.kind == "latents":
+        return decode_latents(members, spec), read_label(members)
     label = read_label(members)
     try:
         image = Image.open(io.BytesIO(image_member(members)))
@@ -198,3 +216,26 @@ def decode_sample(key: str, members: dict[str, bytes], spec: DecodeSpec,
     if (low, high) != (0.0, 1.0):
         x = x * np.float32(high - low) + np.float32(low)
     return np.ascontiguousarray(x), label
+
+
+def decode_latents(members: dict[str, bytes], spec: DecodeSpec) -> np.ndarray:
+    """The float32 ``[C, h, w]`` latent of a latent sample, checked against ``spec``'s shape."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    raw = members.get(LATENT_MEMBER)
+    if raw is None:
+        raise SampleRejected("no_latents", f"no {LATENT_MEMBER} member (has {sorted(members)}); "
+                             "latent shards are written by `vae-train encode`")
+    try:
+        tensors = load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise SampleRejected("undecodable", f"{LATENT_MEMBER} member: {exc}") from None
+    latent = tensors.get(LATENT_TENSOR)
+    expected = (spec.channels, *spec.hw)
+    if latent is None or tuple(latent.shape) != expected:
+        found = None if latent is None else tuple(latent.shape)
+        raise SampleRejected("size", f"latent tensor {LATENT_TENSOR!r} has shape {found}, expected {expected} "
+                             "(the shards' index.json meta gives latent_shape)")
+    return latent.to(torch.float32).numpy()

@@ -159,7 +159,7 @@ def make_plan(source: DatasetSource, options: PrepareOptions) -> tuple[dict[str,
 # ------------------------------------------------------------------------ output locations
 
 
-class _Output:
+class ShardOutput:
     """Where shards go: a local directory (written in place) or an S3 prefix (staged, then uploaded)."""
 
     def __init__(self, out: str, s3_cfg: "S3Config | None") -> None:
@@ -232,17 +232,24 @@ def _write_shard(job: ShardJob) -> tuple[ShardRecord, dict[str, int]]:
             writer.add(key, members)
         record = writer.commit()
     if _worker["out"].startswith("s3://"):
-        from vae_train.storage import open_store, retry
+        from vae_train.storage import open_store
 
         if _worker["store"] is None:
             _worker["store"] = open_store(_worker["out"], _worker["s3_cfg"])
-        metadata = {"sha256": record.sha256, "num-samples": str(record.num_samples)}
-        retry(lambda: _worker["store"].put_file(path, job.name, metadata=metadata), what=f"uploading {job.name}")
-        path.unlink()
+        upload_shard(_worker["store"], path, record)
     return record, dict(skipped)
 
 
-def _run_jobs(source: DatasetSource, output: _Output, jobs: list[ShardJob], workers: int,
+def upload_shard(store: Any, path: Path, record: ShardRecord) -> None:
+    """Upload a committed local shard as one object whose metadata :meth:`ShardOutput.finished` reads; delete it."""
+    from vae_train.storage import retry
+
+    metadata = {"sha256": record.sha256, "num-samples": str(record.num_samples)}
+    retry(lambda: store.put_file(path, record.name, metadata=metadata), what=f"uploading {record.name}")
+    path.unlink()
+
+
+def _run_jobs(source: DatasetSource, output: ShardOutput, jobs: list[ShardJob], workers: int,
               progress: bool) -> tuple[list[ShardRecord], Counter[str]]:
     from tqdm import tqdm
 
@@ -305,7 +312,7 @@ def prepare(source: DatasetSource, out: str, options: PrepareOptions, *, workers
     if num_slices < 1 or not 0 <= slice_index < num_slices:
         raise DataError(f"--slice must be in [0, --num-slices), got slice {slice_index} of {num_slices}")
     plan, jobs = make_plan(source, options)
-    output = _Output(out, s3_cfg)
+    output = ShardOutput(out, s3_cfg)
     try:
         previous = output.read_json(PLAN_NAME)
         mine = [job for i, job in enumerate(jobs) if i % num_slices == slice_index]
@@ -350,7 +357,7 @@ def write_index(out: str, s3_cfg: "S3Config | None" = None) -> ShardIndex:
     slice records). For shards made by other tools (``SPLIT-NNNNNN.tar`` in a local
     directory) it counts and hashes each shard.
     """
-    output = _Output(out, s3_cfg)
+    output = ShardOutput(out, s3_cfg)
     try:
         plan = output.read_json(PLAN_NAME)
         slice_files = [o.key for o in output.store.list(SLICES_DIR + "/")]
@@ -377,7 +384,7 @@ def write_index(out: str, s3_cfg: "S3Config | None" = None) -> ShardIndex:
         output.close()
 
 
-def _scan_index(output: _Output) -> ShardIndex:
+def _scan_index(output: ShardOutput) -> ShardIndex:
     names = sorted(output.existing_shards())
     if not names:
         raise DataError(f"no shards named SPLIT-NNNNNN.tar in {output.out}")

@@ -96,6 +96,11 @@ def _split_name(part: str, default_split: str) -> tuple[str, str]:
     return base, split
 
 
+def split_name(part: str, default_split: str) -> str:
+    """The index split one source part reads: its ``#split``, else ``default_split``."""
+    return _split_name(part, default_split)[1]
+
+
 def _expand(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 

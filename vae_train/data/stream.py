@@ -11,6 +11,13 @@ Usage (what the trainer and ``vae-train eval`` call)::
     train.load_state_dict(state)              # continue with exactly the batches that came next
     train.stats()                             # images/s, time waiting for data, skipped samples
 
+    # latent shards of `vae-train encode` (index.json meta latent_shape = [C, h, h]): sample_kind="latents"
+    latents = build_train_stream(cfg.data, image_size=h, channels=C, value_range=(0.0, 0.0),
+                                 micro_batch_size=64, rank=rank, world_size=world, seed=cfg.seed,
+                                 s3_cfg=cfg.s3, sample_kind="latents")
+    for batch in latents:                     # batch["latents"]: float32 [B,C,h,h] instead of "image"
+        ...
+
     val = build_val_stream(cfg.data, image_size=28, channels=1, value_range=(0.0, 1.0),
                            batch_size=256, rank=rank, world_size=world, s3_cfg=cfg.s3)
     for batch in val:                         # finite; same keys plus batch["mask"]: bool [B]
@@ -98,7 +105,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vae_train.data import s3_opener
 from vae_train.data.classes import MAX_CONSECUTIVE_FILTERED, check_labels_occur, keeps, too_many_filtered
 from vae_train.data.buckets import nearest_bucket, resolve_buckets
-from vae_train.data.decode import DecodeSpec, SampleRejected, decode_sample, image_dimensions
+from vae_train.data.decode import SAMPLE_KINDS, DecodeSpec, SampleRejected, decode_sample, image_dimensions
 from vae_train.data.errors import DataError
 from vae_train.data.sources import Source, fingerprint, resolve_sources
 from vae_train.data.tario import RawSample, ShardReadError, iter_shard
@@ -239,10 +246,10 @@ class _ShardCursor:
             self.draw, self.pos = self.draw + 1, 0
 
 
-def _batch(images: list[np.ndarray], keys: list[str], labels: list[int], mask: list[bool] | None = None
-           ) -> dict[str, Any]:
+def _batch(images: list[np.ndarray], keys: list[str], labels: list[int], mask: list[bool] | None = None,
+           field: str = "image") -> dict[str, Any]:
     batch: dict[str, Any] = {
-        "image": torch.from_numpy(np.stack(images)),
+        field: torch.from_numpy(np.stack(images)),
         "key": keys,
         "label": torch.tensor(labels, dtype=torch.int64),
     }
@@ -301,7 +308,7 @@ def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Ite
             "skipped": dict(skips.counts),
             "filtered": filtered,
         }
-        yield _batch(images, keys, labels), worker, snapshot
+        yield _batch(images, keys, labels, field=plan.spec.field), worker, snapshot
 
 
 def _sample_rng(plan: _Plan, worker: int, source: int, draw: int, pos: int) -> np.random.Generator:
@@ -483,8 +490,16 @@ def _next_item(iterator: Iterator[Any], plan: _Plan, timeout_s: float) -> Any:
     return item
 
 
-def _decode_spec(data_cfg: "DataConfig", image_size: int | tuple[int, int], channels: int,
-                 value_range: tuple[float, float], train: bool) -> DecodeSpec:
+def decode_spec(data_cfg: "DataConfig", image_size: int | tuple[int, int], channels: int,
+                value_range: tuple[float, float], train: bool, kind: str = "image") -> DecodeSpec:
+    """How samples of ``data_cfg`` decode for a model (shape, range, binarization, augmentation when ``train``)."""
+    if kind not in SAMPLE_KINDS:
+        raise DataError(f"sample_kind must be one of {', '.join(SAMPLE_KINDS)}, got {kind!r}")
+    if kind == "latents":  # stored tensors are read as they are: no augmentation, range or binarization
+        if channels < 1 or min(_hw(image_size)) < 1:
+            raise DataError(f"a latent stream needs the latent shape (channels={channels}, image_size={image_size}); "
+                            "take it from the shards' index.json meta latent_shape")
+        return DecodeSpec(image_size=image_size, channels=channels, value_range=(0.0, 0.0), kind=kind)
     if channels not in (1, 3):
         raise DataError(f"image shards hold grayscale or RGB images; model.in_channels={channels} is not supported "
                         "by the image decoder (use 1 or 3)")
@@ -634,6 +649,7 @@ def build_train_stream(
     data_cfg: "DataConfig", *, image_size: int | tuple[int, int], channels: int, value_range: tuple[float, float],
     micro_batch_size: int, rank: int, world_size: int, seed: int, s3_cfg: "S3Config | None",
     size_multiple: int = 1,
+    sample_kind: str = "image",
 ) -> TrainStream:
     """The training stream of ``rank`` of ``world_size``: infinite, resampled, resumable.
 
@@ -647,6 +663,10 @@ def build_train_stream(
     ``data.aspect_buckets`` each batch has one bucket's shape instead (``auto`` derives
     the shapes from ``image_size``, sides multiples of ``size_multiple``: the model's
     downsampling factor).
+    identical batches. ``sample_kind="latents"`` reads latent shards of ``vae-train
+    encode`` instead of images: ``channels`` x ``image_size``^2 is then the stored latent
+    shape (index.json meta ``latent_shape``), batches carry ``latents`` instead of
+    ``image``, and nothing is augmented.
     """
     _check_rank(rank, world_size)
     if micro_batch_size < 1:
@@ -656,7 +676,7 @@ def build_train_stream(
     check_labels_occur(sources, classes, "data.train")
     plan = _Plan(
         sources=tuple(sources),
-        spec=_decode_spec(data_cfg, image_size, channels, value_range, train=True),
+        spec=decode_spec(data_cfg, image_size, channels, value_range, train=True, kind=sample_kind),
         batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
         seed=seed, block_size=max(1, data_cfg.shuffle_buffer), strict=data_cfg.strict, s3_cfg=s3_cfg,
         classes=classes, buckets=resolve_buckets(data_cfg.aspect_buckets, _hw(image_size), size_multiple),
@@ -743,7 +763,7 @@ def _val_worker(plan: _Plan, worker: int, _state: None, layout: _ValLayout) -> I
             except SampleRejected as rej:
                 skips.skip(url, rej.reason, f"validation sample {key!r} of shard {url}: {rej}; it is masked out")
             pending = next(samples, None)
-        yield _batch(images, keys, labels, mask), worker, {"skipped": dict(skips.counts), "filtered": filtered}
+        yield _batch(images, keys, labels, mask, plan.spec.field), worker, {"skipped": dict(skips.counts), "filtered": filtered}
 
 
 class ValStream:
@@ -788,12 +808,14 @@ class ValStream:
 def build_val_stream(
     data_cfg: "DataConfig", *, image_size: int | tuple[int, int], channels: int, value_range: tuple[float, float],
     batch_size: int, rank: int, world_size: int, s3_cfg: "S3Config | None",
+    sample_kind: str = "image",
 ) -> ValStream:
     """The validation stream of ``rank``: each sample exactly once over all ranks and workers.
 
     Needs per-shard sample counts (a directory or S3 prefix with index.json), so
     that ranks can split the samples without reading them first. No augmentation;
     ``binarize: dynamic`` validates with the ``fixed`` draw (the same bits every time).
+    ``sample_kind="latents"``: as in :func:`build_train_stream`.
     """
     _check_rank(rank, world_size)
     if batch_size < 1:
@@ -817,7 +839,7 @@ def build_val_stream(
                         math.ceil(per_rank / batch_size))
     plan = _Plan(
         sources=tuple(sources),
-        spec=_decode_spec(data_cfg, image_size, channels, value_range, train=False),
+        spec=decode_spec(data_cfg, image_size, channels, value_range, train=False, kind=sample_kind),
         batch_size=batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
         seed=0, block_size=1, strict=data_cfg.strict, s3_cfg=s3_cfg, classes=classes,
     )
