@@ -272,7 +272,8 @@ def _junit_counts(path: Path) -> dict[str, Any]:
     failed, cuda_cases = [], 0
     for case in suite.iter("testcase"):
         name = case.get("name", "")
-        cuda_cases += "cuda" in name
+        ran = case.find("skipped") is None
+        cuda_cases += ran and "cuda" in name  # the [cuda] parametrizations and the CUDA-only tests
         if case.find("failure") is not None or case.find("error") is not None:
             failed.append(name)
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
@@ -302,7 +303,7 @@ def noise_difference(device, n: int) -> dict[str, Any]:  # type: ignore[no-untyp
 def stage_op_tests(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     junit = Path(args.work) / "op_tests.xml"
     cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "unit" / "test_ops.py"), "-q",
-           "-p", "no:cacheprovider", f"--junitxml={junit}"]
+           "-p", "no:cacheprovider", f"--junitxml={junit}"] + (["-k", args.op_tests_k] if args.op_tests_k else [])
     proc = subprocess.run(cmd, cwd=ROOT, stdout=sys.stdout, stderr=sys.stderr)
     result = _junit_counts(junit) if junit.exists() else {}
     result["pytest_exit"] = proc.returncode
@@ -628,6 +629,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     env_result: dict[str, Any] = {}
     env_file = work / "stage-env.json"
     common = ["--device", args.device, "--work", str(work)] + (["--dry-run"] if args.dry_run else [])
+    if args.op_tests_k:
+        common += ["--op-tests-k", args.op_tests_k]
     report: dict[str, Any] = {}
     log_path = out / "gpu_check.log"
     with log_path.open("w") as log:
@@ -684,6 +687,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=470.0, help="the whole check's time budget (s)")
     parser.add_argument("--stages", default="", help="comma list of stages to run (env,build,op_tests,op_bench,train)")
     parser.add_argument("--work", default="", help="scratch folder (default: a new temporary one)")
+    parser.add_argument("--op-tests-k", default="", help="run only the op tests matching this pytest -k expression")
     # The stage processes' own arguments.
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
