@@ -460,10 +460,13 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
 
         result["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # host RSS
     if args.env_result:
-        ceilings = peaks(args, json.loads(Path(args.env_result).read_text()))
+        measured = json.loads(Path(args.env_result).read_text())
+        ceilings = peaks(args, measured)
         result["mfu"] = mfu(flops, step_s, ceilings["flops"])
         result["peak_flops"] = ceilings["flops"]
         result["peak_source"] = ceilings["flops_source"]
+        # Against what a large bf16 matmul reached on this device in the env stage (a reachable ceiling).
+        result["mfu_vs_measured_matmul"] = mfu(flops, step_s, measured["matmul_bf16_flops"])
     if not all(math.isfinite(v) for v in (loss_first, loss_last)):
         raise StageFailure("the loss is not finite", result)
     return result
