@@ -56,20 +56,25 @@ done
   --implementation cp "${platforms[@]}" -d "$OUT" "${DOWNLOADS[@]}"
 
 # One wheel per distribution: two versions of one would stop the whole install there.
-dupes="$(ls "$OUT"/*.whl | xargs -n1 basename | cut -d- -f1 | tr 'A-Z-' 'a-z_' | sort | uniq -d)"
+names=()
+for wheel in "$OUT"/*.whl; do
+  name="$(basename "$wheel" | cut -d- -f1 | tr 'A-Z-' 'a-z_')"
+  if [ "$name" = torch ]; then
+    echo "gpu_wheels.sh: a torch wheel got into $OUT; the check must use the machine's torch" >&2
+    exit 1
+  fi
+  names+=("$name")
+done
+dupes="$(printf '%s\n' "${names[@]}" | sort | uniq -d)"
 if [ -n "$dupes" ]; then
   echo "gpu_wheels.sh: more than one wheel of: $dupes (in $OUT)" >&2
-  exit 1
-fi
-if ls "$OUT" | grep -qi '^torch-'; then
-  echo "gpu_wheels.sh: a torch wheel got into $OUT; the check must use the machine's torch" >&2
   exit 1
 fi
 
 total_kib="$(du -sk "$OUT" | cut -f1)"
 budget_kib=$((BUDGET_MIB * 1024))
 ls -l "$OUT"
-echo "gpu_wheels.sh: $(ls "$OUT"/*.whl | wc -l) wheels, $((total_kib / 1024)) MiB in $OUT (budget ${BUDGET_MIB} MiB)"
+echo "gpu_wheels.sh: ${#names[@]} wheels, $((total_kib / 1024)) MiB in $OUT (budget ${BUDGET_MIB} MiB)"
 if [ "$total_kib" -gt "$budget_kib" ]; then
   echo "gpu_wheels.sh: FAILED: $OUT holds ${total_kib} KiB, over the ${BUDGET_MIB} MiB budget" \
        "(the GPU machine takes 64 MiB with the working tree)" >&2
