@@ -232,6 +232,11 @@ def stage_env(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     return result
 
 
+def save_partial(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Write what a stage has measured so far: if it then runs past its limit, the report keeps it."""
+    Path(args.result).write_text(json.dumps({"status": "running", "result": result}))
+
+
 class StageFailure(Exception):
     """A stage ran but its check failed; ``result`` still goes into the report."""
 
@@ -353,9 +358,9 @@ def stage_op_bench(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
         _sync(device)
         rows: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
         for name, fn in impls.items():
-            with torch.no_grad():
-                fwd_ms = median_ms(lambda fn=fn: fn(mu, logvar), device, sizes.op_reps)
-            rows[name] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": median_ms(fwd_bwd(fn), device, sizes.op_reps)}
+            # Forward as in training (inputs that require grad; no second compile for no_grad).
+            rows[name] = {"fwd_ms": median_ms(lambda fn=fn: fn(mu, logvar), device, sizes.op_reps),
+                          "fwd_bwd_ms": median_ms(fwd_bwd(fn), device, sizes.op_reps)}
         fused_ms = rows["fused"]["fwd_bwd_ms"]
         rows["fused_vs_eager"] = rows["eager"]["fwd_bwd_ms"] / fused_ms
         rows["fused_vs_compile"] = rows["compile"]["fwd_bwd_ms"] / fused_ms
@@ -367,6 +372,7 @@ def stage_op_bench(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
             rows["fused_bandwidth_fraction"] = rows["fused_bytes_per_s"] / ceilings["bytes_per_s"]
             rows["bandwidth_source"] = ceilings["bytes_source"]
         result[dtype_name] = rows
+        save_partial(args, result)
         torch._dynamo.reset()
     return result
 
@@ -467,6 +473,7 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
         result["peak_source"] = ceilings["flops_source"]
         # Against what a large bf16 matmul reached on this device in the env stage (a reachable ceiling).
         result["mfu_vs_measured_matmul"] = mfu(flops, step_s, measured["matmul_bf16_flops"])
+    torch.distributed.destroy_process_group()  # an NCCL group left up can hold the process at exit
     if not all(math.isfinite(v) for v in (loss_first, loss_last)):
         raise StageFailure("the loss is not finite", result)
     return result
@@ -510,11 +517,20 @@ def run_stage(cmd: list[str], limit_s: float, log, env: dict[str, str], result_f
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        return StageReport("timeout", time.perf_counter() - t0, limit_s, f"stopped after its {limit_s:.0f} s limit")
+        seconds = time.perf_counter() - t0
+        data = json.loads(result_file.read_text()) if result_file.exists() else {}
+        if data.get("status") in ("ok", "failed"):  # finished, then hung on its way out
+            error = f"{data.get('error') or 'finished'}; the process did not exit within {limit_s:.0f} s (killed)"
+            return StageReport(data["status"], seconds, limit_s, error, data.get("result", {}))
+        return StageReport("timeout", seconds, limit_s, f"stopped after its {limit_s:.0f} s limit",
+                           data.get("result", {}))
     seconds = time.perf_counter() - t0
     if not result_file.exists():
         return StageReport("failed", seconds, limit_s, f"the stage process exited {proc.returncode} without a result")
     data = json.loads(result_file.read_text())
+    if data["status"] == "running":  # died after saving part of its results
+        return StageReport("failed", seconds, limit_s, f"the stage process exited {proc.returncode} part-way",
+                           data.get("result", {}))
     return StageReport(data["status"], seconds, limit_s, data.get("error"), data.get("result", {}))
 
 

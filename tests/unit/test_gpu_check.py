@@ -48,22 +48,38 @@ def _alive(pid: int) -> bool:
     return status.exists() and "State:\tZ" not in status.read_text()
 
 
-def test_a_stage_past_its_limit_is_killed_with_its_children(tmp_path):
-    pid_file = tmp_path / "child.pid"
-    hang = (f"import subprocess, sys, time\n"
+def _hanging_stage(pid_file: Path, result_file: Path, saved: dict) -> str:
+    """A stage process that starts a child, saves ``saved`` as its result file, then hangs."""
+    return (f"import json, subprocess, sys, time\n"
             f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
             f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            f"open({str(result_file)!r}, 'w').write(json.dumps({saved!r}))\n"
             f"time.sleep(120)\n")
+
+
+def test_a_stage_past_its_limit_is_killed_with_its_children_and_keeps_its_partial_results(tmp_path):
+    pid_file, result_file = tmp_path / "child.pid", tmp_path / "r.json"
+    hang = _hanging_stage(pid_file, result_file, {"status": "running", "result": {"fp32": {"fused_vs_eager": 4.0}}})
     start = time.perf_counter()
     with (tmp_path / "log").open("w") as log:
-        report = gpu_check.run_stage([sys.executable, "-c", hang], 3.0, log, dict(os.environ), tmp_path / "r.json")
+        report = gpu_check.run_stage([sys.executable, "-c", hang], 3.0, log, dict(os.environ), result_file)
     assert report.status == "timeout" and "3 s limit" in report.error
+    assert report.result == {"fp32": {"fused_vs_eager": 4.0}}
     assert time.perf_counter() - start < 30
     grandchild = int(pid_file.read_text())
     deadline = time.time() + 10
     while _alive(grandchild) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(grandchild), "the stage's own child outlived the time box"
+
+
+def test_a_stage_that_finished_but_did_not_exit_keeps_its_verdict(tmp_path):
+    result_file = tmp_path / "r.json"
+    hang = _hanging_stage(tmp_path / "child.pid", result_file, {"status": "ok", "result": {"images_per_s": 9.0}})
+    with (tmp_path / "log").open("w") as log:
+        report = gpu_check.run_stage([sys.executable, "-c", hang], 3.0, log, dict(os.environ), result_file)
+    assert report.status == "ok" and report.result == {"images_per_s": 9.0}
+    assert "did not exit" in report.error
 
 
 def test_a_stage_that_dies_is_reported_failed_with_its_exit_status(tmp_path):
