@@ -101,7 +101,8 @@ def test_the_report_lists_every_stage_and_target_even_when_none_ran(tmp_path):
     assert status == 1  # not everything passed
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert REPORT_FIELDS <= report.keys()
-    expected = {"env", "build", "op_tests", "op_bench", "train:fashion_mnist", "train:fashion_mnist:fp16"}
+    expected = {"env", "build", "op_tests", "op_bench", "train:fashion_mnist", "train:fashion_mnist:fp16",
+                "train:fashion_mnist:fused_adam"}
     assert expected <= report["stages"].keys()
     for name, stage in report["stages"].items():
         assert STAGE_FIELDS <= stage.keys(), name
