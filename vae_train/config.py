@@ -49,8 +49,21 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    """The convolutional VAE (LDM-style encoder/decoder) and its likelihood."""
+    """The autoencoder (``arch``: vae-train's ConvVAE or the LDM/diffusers AutoencoderKL) and its likelihood."""
 
+    arch: Literal["convvae", "ldm"] = Field(
+        "convvae",
+        description="Architecture: convvae (vae-train's ConvVAE: base_channels, channel_mult, num_res_blocks, "
+        "norm_groups, size_mode) or ldm (the AutoencoderKL of LDM/diffusers, with mid-block attention and "
+        "quant_conv/post_quant_conv: block_out_channels, layers_per_block, norm_num_groups, ...). The keys of "
+        "the other architecture are ignored.",
+    )
+    init_from: str = Field(
+        "",
+        description="Start a fresh run from the weights of an export directory (vae-train export or vae-train "
+        "import; local or s3://); its architecture must equal this model section's. Read at every start; a "
+        "resumed run's checkpoint weights then replace it. Empty = random initialization.",
+    )
     in_channels: int = Field(1, ge=1, le=16, description="Image channels (1 grayscale, 3 RGB).")
     image_size: int = Field(28, ge=4, le=4096, description="Height and width of the (square) input images in pixels.")
     base_channels: int = Field(32, ge=4, description="Channels of the first ResNet stage; later stages multiply it.")
@@ -78,8 +91,24 @@ class ModelConfig(Section):
         "fused", description="Reparameterization/KL implementation: the fused C++/CUDA op or plain PyTorch."
     )
 
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [128, 256, 512, 512],
+        min_length=1,
+        description="ldm: channels of each encoder/decoder block (diffusers' block_out_channels); the image is "
+        "downsampled 2^(len-1) times.",
+    )
+    layers_per_block: int = Field(
+        2, ge=1, le=8, description="ldm: ResNet layers per encoder block (the decoder has one more), as in diffusers."
+    )
+    norm_num_groups: int = Field(32, ge=1, description="ldm: GroupNorm groups; must divide every block_out_channels entry.")
+    mid_block_add_attention: bool = Field(True, description="ldm: self-attention in the encoder's and decoder's mid block.")
+    use_quant_conv: bool = Field(True, description="ldm: the 1x1 quant_conv after the encoder (FLUX's autoencoder has none).")
+    use_post_quant_conv: bool = Field(True, description="ldm: the 1x1 post_quant_conv before the decoder (FLUX: none).")
+
     @model_validator(mode="after")
     def _check_groups(self) -> "ModelConfig":
+        if self.arch == "ldm":
+            return self._check_ldm()
         for mult in self.channel_mult:
             if mult < 1:
                 raise ValueError(f"channel_mult entries must be >= 1, got {self.channel_mult}")
@@ -89,6 +118,24 @@ class ModelConfig(Section):
                     f"norm_groups={self.norm_groups} does not divide stage channels {channels} "
                     f"(base_channels={self.base_channels} x {mult}); pick norm_groups dividing all of them"
                 )
+        return self
+
+    def _check_ldm(self) -> "ModelConfig":
+        if any(width < 1 for width in self.block_out_channels):
+            raise ValueError(f"block_out_channels entries must be >= 1, got {self.block_out_channels}")
+        bad = [width for width in self.block_out_channels if width % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"norm_num_groups={self.norm_num_groups} does not divide block_out_channels {bad} "
+                f"(of {self.block_out_channels}); pick norm_num_groups dividing all of them"
+            )
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"model.arch=ldm needs model.image_size divisible by its downsampling factor {factor} "
+                f"(2^(len(block_out_channels)-1)), got image_size={self.image_size}; use a multiple of {factor} "
+                "(data.resize or data.random_crop bring the images to it)"
+            )
         return self
 
 
@@ -148,6 +195,12 @@ class TrainConfig(Section):
     )
     max_consecutive_skips: int = Field(
         10, ge=1, description="Stop the run with an error after this many skipped updates in a row."
+    )
+    trainable: Literal["all", "decoder", "encoder"] = Field(
+        "all",
+        description="Which part trains: all, decoder (decoder + post_quant_conv; keeps a latent space a diffusion "
+        "model was trained on) or encoder (encoder + quant_conv). Frozen parameters get no gradients, no "
+        "optimizer state and no optimizer partitions; the checkpoint records what was frozen.",
     )
     val_every: int = Field(500, ge=0, description="Run validation every N steps (0 = only at the end).")
     val_batches: int = Field(0, ge=0, description="Validation batches per rank (0 = the whole validation split).")
