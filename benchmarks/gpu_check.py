@@ -70,6 +70,9 @@ TARGET_FUSED_VS_COMPILE = 1.0
 TARGET_TOKENIZER_MFU = 0.35
 
 TRAIN_CONFIGS = ("fashion_mnist", "tokenizer_f8", "tokenizer_tiny")
+# Configs trained at the tokenizer size (--tokenizer-image, batch --tokenizer-batch); ldm_finetune is
+# SD's KL-f8 AutoencoderKL (model.arch ldm), decoder-only as configured, from random weights.
+IMAGE_CONFIGS = ("tokenizer_f8", "tokenizer_tiny", "ldm_finetune")
 NOT_ON_DEVICE = "not run on"  # the error of a stage skipped because this device cannot run it
 
 
@@ -100,7 +103,7 @@ DRY_SIZES = Sizes(matmul_n=256, copy_bytes=16 << 20, op_shape=(8, 4, 16, 16), op
 
 # Time limits (s) per stage on the GPU; the whole check also stops at --budget-s.
 GPU_LIMITS = {"env": 60, "build": 180, "op_tests": 150, "op_bench": 120, "train": 75}
-DRY_LIMITS = {"env": 120, "build": 300, "op_tests": 300, "op_bench": 200, "train": 150}
+DRY_LIMITS = {"env": 120, "build": 300, "op_tests": 300, "op_bench": 200, "train": 300}
 
 
 @dataclass
@@ -387,13 +390,14 @@ def stage_op_bench(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
 def _train_overrides(args: argparse.Namespace, sizes: Sizes, run_dir: Path) -> list[str]:
     from vae_train.config import ModelConfig
 
-    tokenizer = args.config.startswith("tokenizer")
+    tokenizer = args.config in IMAGE_CONFIGS
     batch = sizes.tokenizer_batch if tokenizer else sizes.fashion_batch
     overrides = [f"run_dir={run_dir}", "resume=none", f"distributed.precision={args.precision}",
                  "distributed.zero_stage=2", f"train.global_batch_size={batch}", "train.grad_accum_steps=1",
                  "checkpoint.every_steps=0"]
     if tokenizer:
-        overrides.append(f"model.image_size={sizes.tokenizer_image}")
+        # Random weights: the check never reads a model.init_from the config may name.
+        overrides += [f"model.image_size={sizes.tokenizer_image}", "model.init_from="]
     if args.fused_adam:
         overrides.append("optimizer.deepspeed_fused=true")
     if args.ckpt:
@@ -414,15 +418,16 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
 
     from vae_train.config import load_config
     from vae_train.engine import setup_engine
-    from vae_train.model import ConvVAE, likelihood_value_range, vae_loss
+    from vae_train.model import build_model, freeze, likelihood_value_range, vae_loss
     from vae_train.trainer import train_step
 
     setup_start = time.perf_counter()
     run_dir = Path(args.work) / f"run-{args.config}-{args.precision}-{int(args.ckpt)}-{int(args.fused_adam)}"
     cfg = load_config(ROOT / "configs" / f"{args.config}.yaml", _train_overrides(args, sizes, run_dir))
     torch.manual_seed(cfg.seed)
-    # As vae_train.trainer.train builds it (change both together).
-    model = ConvVAE(cfg.model)
+    # As vae_train.trainer.train builds it (change both together); random weights, no init_from.
+    model = build_model(cfg.model)
+    freeze(model, cfg.train.trainable)
     engine = setup_engine(cfg, model)
     if engine.device.type != args.device:
         raise RuntimeError(f"the engine chose {engine.device}, expected {args.device}")
@@ -460,7 +465,8 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     step_s = elapsed / steps
     loss_first, loss_last = float(losses[0]), float(losses[-1])
     result: dict[str, Any] = {
-        "config": args.config, "precision": args.precision, "zero_stage": cfg.distributed.zero_stage,
+        "config": args.config, "arch": cfg.model.arch, "precision": args.precision,
+        "zero_stage": cfg.distributed.zero_stage,
         "optimizer": type(engine.optimizer).__name__,
         "gradient_checkpointing": bool(args.ckpt), "image_size": cfg.model.image_size,
         "batch": engine.plan.global_batch_size, "parameters": model.num_parameters(),
@@ -556,11 +562,13 @@ def plan_stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
             continue
         base = ["--stage", "train", "--config", config]
         stages.append((f"train:{config}", [*base, "--precision", "bf16"]))
-        if has_ckpt and config.startswith("tokenizer"):
+        if has_ckpt and config in IMAGE_CONFIGS:
             stages.append((f"train:{config}:ckpt", [*base, "--precision", "bf16", "--ckpt"]))
     # DeepSpeed's fp16 loss scaling runs on GPUs only (the engine refuses fp16 on a CPU).
     stages.append(("train:fashion_mnist:fp16", ["--stage", "train", "--config", "fashion_mnist", "--precision", "fp16"]
                    if args.device == "cuda" else []))
+    if (ROOT / "configs" / "ldm_finetune.yaml").is_file():
+        stages.append(("train:ldm_finetune", ["--stage", "train", "--config", "ldm_finetune", "--precision", "bf16"]))
     # DeepSpeed's FusedAdam (optimizer.deepspeed_fused), JIT-built for this GPU: last, as its build is slow.
     stages.append(("train:fashion_mnist:fused_adam",
                    ["--stage", "train", "--config", "fashion_mnist", "--precision", "bf16", "--fused-adam"]
