@@ -103,6 +103,12 @@ def build_extractors(metrics: Sequence[str], *, inception_weights: str = "", lpi
     return extractors
 
 
+def _device_of(module: nn.Module | None) -> torch.device:
+    """Where a metric network's weights live (the CPU for one without parameters)."""
+    first = next(iter(module.parameters()), None) if module is not None else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _full_precision(device: torch.device) -> torch.autocast:
     """The metric networks run in float32 even inside the trainer's bf16/fp16 autocast: features
     rounded to 8 bits of mantissa would move rFID by more than the differences it is read for."""
@@ -130,7 +136,7 @@ class ReconstructionMetrics:
 
             inception = extractors.inception
             self._fid = FrechetInceptionDistance(feature=inception, sync_on_compute=False)
-            self._fid.to(next(inception.parameters()).device)  # type: ignore[union-attr]
+            self._fid.to(_device_of(inception))
 
     @torch.no_grad()
     def update(self, target: torch.Tensor, recon: torch.Tensor, value_range: tuple[float, float]) -> None:
@@ -148,7 +154,7 @@ class ReconstructionMetrics:
         if "ssim" in self.metrics:
             self._sums[1] += ssim(fake, real).sum().cpu()
         if self._lpips is not None:
-            device = next(self._lpips.parameters()).device
+            device = _device_of(self._lpips)
             x = as_rgb(real).float().to(device) * 2 - 1
             y = as_rgb(fake).float().to(device) * 2 - 1
             with _full_precision(device):
