@@ -19,6 +19,7 @@ continues the same wandb run (``resume="allow"``) instead of starting a new one.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ class WandbTracker:
         root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "wandb"
         root.mkdir(parents=True, exist_ok=True)
         id_file = root / "run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self._wandb = wandb
         self._run = wandb.init(
