@@ -11,5 +11,6 @@ pytest_plugins: list[str] = [
     "tests.fixtures.data",
     "tests.fixtures.trained_vae",
     "tests.fixtures.slurm",
+    "tests.fixtures.vgg",
     "tests.fixtures.inception",
 ]

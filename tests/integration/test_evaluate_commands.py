@@ -123,8 +123,10 @@ def test_eval_reconstruction_metrics_agree_over_one_and_two_ranks(tiny_run: Tiny
              "data.num_workers=0"]
     single_out = tmp_path / "one.json"
     assert main(["eval", "--checkpoint", str(tiny_run.export), "--data", data, "--out", str(single_out), *flags]) == 0
-    assert "rFID (15 images)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rFID (15 images)" in printed and "not comparable with published figures" in printed
     single = json.loads(single_out.read_text())
+    assert single["rfid_published_weights"] is False
     out = tmp_path / "two.json"
     done = run(torchrun("-m", "vae_train", "eval", "--checkpoint", str(tiny_run.export), "--data", data,
                         "--out", str(out), *flags), timeout_s=240)

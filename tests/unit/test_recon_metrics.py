@@ -99,6 +99,27 @@ def test_rfid_matches_scipy_sqrtm() -> None:
     assert abs(identical.compute()["rfid"]) < 1e-6
 
 
+def test_lpips_follows_the_uint8_protocol(random_vgg16) -> None:
+    """The mean LPIPS equals the LPIPS module's distances of the 8-bit images in [-1, 1] (grayscale as RGB)."""
+    from vae_train.model.perceptual import build_lpips
+
+    gen = torch.Generator().manual_seed(4)
+    target = torch.rand(6, 1, 32, 32, generator=gen)
+    recon = (target + 0.2 * torch.randn(target.shape, generator=gen)).clamp(0, 1)
+    extractors = build_extractors(("lpips",), lpips_backbone_path=str(random_vgg16))
+    metrics = ReconstructionMetrics(("lpips", "psnr"), extractors)
+    metrics.update(target[:4], recon[:4], (0.0, 1.0))
+    metrics.update(target[4:], recon[4:], (0.0, 1.0))
+    got = metrics.compute()
+    lpips = build_lpips(str(random_vgg16))
+    as_net = lambda x: (to_uint8(x, (0, 1)).float() / 255 * 2 - 1).expand(-1, 3, -1, -1)  # noqa: E731
+    with torch.no_grad():
+        expected = lpips(as_net(target), as_net(recon)).double().mean().item()
+    assert expected > 0
+    assert got["lpips"] == pytest.approx(expected, rel=1e-5)
+    assert set(got) == {"lpips", "psnr_db"}
+
+
 def test_rfid_needs_two_images_and_the_network() -> None:
     with pytest.raises(MetricsError, match="FID Inception"):
         ReconstructionMetrics(("rfid",))
@@ -123,6 +144,7 @@ def test_fid_inception_has_the_published_layout() -> None:
 
 def test_load_fid_inception_from_a_file_and_the_cache(inception_weights, tmp_path, monkeypatch) -> None:
     net = load_fid_inception(inception_weights)
+    assert not net.published_weights  # the right name, but not the published file's SHA-256
     saved = torch.load(inception_weights, weights_only=True)
     torch.testing.assert_close(net.Mixed_7c.branch_pool.bn.running_var, saved["Mixed_7c.branch_pool.bn.running_var"])
     gen = torch.Generator().manual_seed(3)

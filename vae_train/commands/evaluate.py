@@ -235,6 +235,16 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     report = {"checkpoint": args.checkpoint, "data": args.data, "world_size": env.world_size, **metrics}
     print(format_metrics(metrics))
+    if extractors.inception is not None:
+        report["rfid_published_weights"] = extractors.inception.published_weights
+        if not extractors.inception.published_weights:
+            print("warning: the Inception weights are not the published pt_inception-2015-12-05-6726825d.pth: "
+                  "this rFID is not comparable with published figures")
+    if extractors.lpips is not None:
+        report["lpips_imagenet_backbone"] = extractors.lpips.imagenet_backbone
+        if not extractors.lpips.imagenet_backbone:
+            print("warning: LPIPS runs on a VGG16 that is not torchvision's ImageNet file: this LPIPS is not "
+                  "comparable with published figures")
     if metrics["nonfinite_images"]:
         print(f"warning: {metrics['nonfinite_images']} image(s) had a non-finite score and are not in the means")
     if metrics["skipped_samples"]:
