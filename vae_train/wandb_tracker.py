@@ -78,4 +78,8 @@ class WandbTracker:
         self._run.log({f"images/{name}": self._wandb.Image(grid) for name, grid in grids.items()}, step=step)
 
     def close(self) -> None:
+        """Finish the run and wait for wandb's service to write (or upload) everything: the files are
+        complete when this returns, even if the process ends at once (atexit hooks are not reliable
+        under launchers that kill their children)."""
         self._run.finish()
+        self._wandb.teardown()

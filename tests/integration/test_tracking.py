@@ -9,7 +9,6 @@ and compared with ``metrics.jsonl``, TensorBoard and the resolved ``config.yaml`
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import uuid
 from collections import defaultdict
@@ -20,37 +19,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.fixtures.wandb_files import read_wandb_log
 from tests.launching import clean_env, run, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 STEPS = 4
-VAL_IMAGES = 2 * 4  # 2 ranks x train.val_batches=1 x data.val_batch_size=4
-
-
-def read_wandb_log(path: Path) -> list[Any]:
-    """The records of a ``.wandb`` file: a 7-byte header, then LevelDB-style log blocks of 32 KiB whose
-    chunks (4-byte checksum, 2-byte length, 1-byte type: full/first/middle/last) carry protobuf Records."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", data[:7]
-    block, pos, records, pending = 32768, 7, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0:
-            break
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
+VAL_IMAGES = 2 * 2  # 2 ranks x train.val_batches=1 x data.val_batch_size=2
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +36,7 @@ def tracked_run(fashion_shards: Path, inception_weights: Path, tmp_path_factory:
     env.pop("WANDB_MODE", None)  # the config's mode (offline) decides
     done = run(torchrun("train.py", "--config", "configs/tiny.yaml", f"run_dir={run_dir}",
                         f"data.train={fashion_shards}", f"data.val={fashion_shards}", f"train.max_steps={STEPS}",
-                        "train.val_every=2", "data.val_batch_size=4", "logging.image_every=2",
+                        "train.val_every=2", "data.val_batch_size=2", "logging.image_every=2",
                         "eval.metrics=[psnr,ssim,rfid]", f"eval.inception_weights={inception_weights}",
                         "logging.wandb.enabled=true", "logging.wandb.tags=[ci]"),
                env=env, timeout_s=280)
