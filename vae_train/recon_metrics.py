@@ -14,8 +14,8 @@ trip), so the protocol is fixed here and stated in the README:
    scaled to [-1, 1]; grayscale repeated to RGB; the mean over images.
 4. **rFID**: the Frechet distance between the Inception pool features (2048-d,
    :class:`vae_train.model.inception.FIDInceptionV3`: bilinear resize to 299x299,
-   no antialiasing, as pytorch-fid) of the inputs and of their reconstructions,
-   grayscale repeated to RGB. torchmetrics' ``FrechetInceptionDistance`` keeps the
+   no antialiasing, as pytorch-fid; non-square images are stretched, as there) of the
+   inputs and of their reconstructions, grayscale repeated to RGB. torchmetrics' ``FrechetInceptionDistance`` keeps the
    feature statistics (float64 sum, sum of outer products, count) and computes the
    distance; the statistics are all-reduced here in float64 (one collective), so
    any number of ranks gives the same figure as one. With fewer images than
