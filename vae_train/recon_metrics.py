@@ -118,7 +118,8 @@ def _full_precision(device: torch.device) -> torch.autocast:
 class ReconstructionMetrics:
     """Accumulates the selected metrics over batches; :meth:`compute` reduces over ranks.
 
-    Every rank must call :meth:`compute` (it is one all-reduce, plus one for rFID).
+    One instance per evaluation: every rank must call :meth:`compute` (one all-reduce, plus
+    one for rFID), which reduces the state in place, so later calls return the same result.
     """
 
     def __init__(self, metrics: Sequence[str] = DEFAULT_METRICS, extractors: Extractors | None = None) -> None:
@@ -131,6 +132,7 @@ class ReconstructionMetrics:
         self._lpips = extractors.lpips
         self._sums = torch.zeros(len(_PER_IMAGE) + 1, dtype=torch.float64)  # per-image sums, then the count
         self._fid: Any = None
+        self._result: dict[str, float] | None = None
         if "rfid" in self.metrics:
             from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -143,6 +145,8 @@ class ReconstructionMetrics:
         """Add a batch of inputs and their reconstructions, both ``[B, C, H, W]`` in ``value_range``."""
         if target.shape != recon.shape:
             raise MetricsError(f"inputs {tuple(target.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
+        if self._result is not None:
+            raise MetricsError("this evaluation was already computed; start a new ReconstructionMetrics")
         if target.shape[0] == 0:
             return
         from vae_train.evaluate import psnr, ssim
@@ -168,6 +172,8 @@ class ReconstructionMetrics:
 
     def compute(self) -> dict[str, float]:
         """The metrics of everything every rank added: ``psnr_db``, ``ssim``, ``lpips``, ``rfid``, ``rfid_images``."""
+        if self._result is not None:
+            return dict(self._result)
         sums = distributed.all_reduce_sum(self._sums)
         count = float(sums[-1])
         out: dict[str, float] = {}
@@ -177,7 +183,8 @@ class ReconstructionMetrics:
                 out[names[metric]] = float(sums[i]) / count
         if self._fid is not None:
             out.update(rfid=self._frechet_distance(), rfid_images=int(self._fid.real_features_num_samples))
-        return out
+        self._result = out
+        return dict(out)
 
     def _frechet_distance(self) -> float:
         """All-reduce torchmetrics' FID state in float64, then let it compute the distance."""

@@ -94,6 +94,9 @@ def test_rfid_matches_scipy_sqrtm() -> None:
     assert got["rfid_images"] == 300
     assert expected > 0.01  # the reconstructions really differ
     assert got["rfid"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert metrics.compute() == got  # computed once: a second call does not reduce the state again
+    with pytest.raises(MetricsError, match="already computed"):
+        metrics.update(target[:2], recon[:2], (0.0, 1.0))
     identical = ReconstructionMetrics(("rfid",), Extractors(inception=features))
     identical.update(target, target, (0.0, 1.0))
     assert abs(identical.compute()["rfid"]) < 1e-6
