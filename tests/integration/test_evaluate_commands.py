@@ -113,18 +113,18 @@ def test_eval_reconstruction_metrics_agree_over_one_and_two_ranks(tiny_run: Tiny
                                                                    tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """--metrics psnr,ssim,rfid with the (random-weight) FID Inception file: each image once over the ranks and
-    the float64 feature statistics all-reduced, so 2 ranks give the 1-rank rFID. A split of 15 real images
-    keeps the Inception work small (299x299 on 2 CPU cores); 15 over 2 ranks x batches of 4 leaves padding."""
+    the float64 feature statistics all-reduced, so 2 ranks give the 1-rank rFID. A split of 7 real images
+    keeps the Inception work small (299x299 on 2 CPU cores); 7 over 2 ranks x batches of 2 leaves padding."""
     small = tmp_path / "small-shards"
-    assert main(["prepare", "fashion-mnist", "--out", str(small), "--limit", "15", "--val-fraction", "0",
+    assert main(["prepare", "fashion-mnist", "--out", str(small), "--limit", "7", "--val-fraction", "0",
                  "--workers", "1", "--no-progress"]) == 0
     data = f"{small}#test"
-    flags = ["--metrics", "psnr,ssim,rfid", "--inception-weights", str(inception_weights), "--batch-size", "4",
+    flags = ["--metrics", "psnr,ssim,rfid", "--inception-weights", str(inception_weights), "--batch-size", "2",
              "data.num_workers=0"]
     single_out = tmp_path / "one.json"
     assert main(["eval", "--checkpoint", str(tiny_run.export), "--data", data, "--out", str(single_out), *flags]) == 0
     printed = capsys.readouterr().out
-    assert "rFID (15 images)" in printed and "not comparable with published figures" in printed
+    assert "rFID (7 images)" in printed and "not comparable with published figures" in printed
     single = json.loads(single_out.read_text())
     assert single["rfid_published_weights"] is False
     out = tmp_path / "two.json"
@@ -133,7 +133,7 @@ def test_eval_reconstruction_metrics_agree_over_one_and_two_ranks(tiny_run: Tiny
     assert done.returncode == 0, done.stderr[-4000:]
     two = json.loads(out.read_text())
     assert two["world_size"] == 2
-    assert single["images"] == single["rfid_images"] == two["rfid_images"] == two["images"] == 15
+    assert single["images"] == single["rfid_images"] == two["rfid_images"] == two["images"] == 7
     assert single["rfid"] > 0
     assert two["rfid"] == pytest.approx(single["rfid"], rel=1e-6)
     assert two["psnr_db"] == pytest.approx(single["psnr_db"], rel=1e-9)
