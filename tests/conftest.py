@@ -13,4 +13,6 @@ pytest_plugins: list[str] = [
     "tests.fixtures.trained_vae",
     "tests.fixtures.exported_vae",
     "tests.fixtures.slurm",
+    "tests.fixtures.vgg",
+    "tests.fixtures.inception",
 ]

@@ -325,8 +325,25 @@ class S3Config(Section):
     read_timeout_s: float = Field(60.0, gt=0, description="Read timeout per request.")
 
 
+class WandbConfig(Section):
+    """Weights & Biases beside TensorBoard (rank 0 only). Credentials never enter the config: online
+    mode reads WANDB_API_KEY (or ~/.netrc) itself."""
+
+    enabled: bool = Field(False, description="Also log to wandb (needs the extra: pip install 'vae-train[wandb]').")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline writes the run under logging.wandb.dir only (air-gapped clusters; upload later with "
+        "`wandb sync DIR`); online streams to the server. WANDB_MODE in the environment overrides it.",
+    )
+    project: str = Field("vae-train", min_length=1, description="wandb project name.")
+    entity: str = Field("", description="wandb entity (team or user; empty = the account's default).")
+    name: str = Field("", description="Display name of the run (empty = the run directory's name).")
+    tags: list[str] = Field(default_factory=list, description="Tags of the run.")
+    dir: str = Field("", description="Where wandb writes its files (empty = {run_dir}/wandb).")
+
+
 class LoggingConfig(Section):
-    """TensorBoard and console output (rank 0 only)."""
+    """TensorBoard and console output (rank 0 only), and optionally wandb."""
 
     every_steps: int = Field(10, ge=1, description="Log scalars every N steps.")
     image_every: int = Field(200, ge=0, description="Log image grids every N steps (0 = only at the end).")
@@ -335,12 +352,32 @@ class LoggingConfig(Section):
     active_unit_threshold: float = Field(
         0.01, ge=0.0, description="A latent channel is active when its KL (nats) exceeds this."
     )
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases tracker.")
 
 
 class EvalConfig(Section):
     """Evaluation defaults used by training validation and `vae-train eval`."""
 
     iw_samples: int = Field(0, ge=0, description="Importance samples for IW-NLL during training validation (0 = off).")
+    metrics: list[Literal["psnr", "ssim", "lpips", "rfid"]] = Field(
+        default_factory=lambda: ["psnr", "ssim"],
+        description="Reconstruction metrics of training validation and the default of `vae-train eval --metrics` "
+        "(uint8 round trip first; lpips needs eval.lpips_backbone_path, rfid eval.inception_weights).",
+    )
+    inception_weights: str = Field(
+        "",
+        description="FID Inception state dict (pt_inception-2015-12-05-6726825d.pth, as pytorch-fid/torchmetrics) "
+        "for rfid; empty = $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth. Never downloaded.",
+    )
+    lpips_backbone_path: str = Field(
+        "", description="VGG16 weights for the lpips metric (as loss.lpips_backbone_path); never downloaded."
+    )
+
+    @model_validator(mode="after")
+    def _check_metrics(self) -> "EvalConfig":
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"eval.metrics lists a metric twice: {self.metrics}")
+        return self
 
 
 REMOVED_KEYS = {

@@ -16,8 +16,9 @@ and by ``benchmarks/quality.py``, so all three report the same numbers.
   ``Cov_x(E_q[u|x]) = Var_x(mu_u) > 0.01``; a latent channel is counted active when
   the mean over its positions of ``Var_x(mu)`` exceeds the threshold.
 * PSNR and SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1=0.01,
-  K2=0.03) of the deterministic reconstruction ``mean(decode(mu))`` against the
-  input, both mapped to [0, 1].
+  K2=0.03), and optionally LPIPS and rFID, of the deterministic reconstruction
+  ``mean(decode(mu))`` against the input, under the protocol of
+  :mod:`vae_train.recon_metrics` (uint8 round trip first).
 * AUROC and average precision (AUPRC) of anomaly scores, with the same tie
   handling as scikit-learn's ``roc_auc_score`` / ``average_precision_score``.
 
@@ -42,6 +43,7 @@ from vae_train.errors import VaeTrainError
 from vae_train.latents import LatentError, latent_statistics, statistics_scalars
 from vae_train.model import VAE, VAE_TYPES, bits_per_dim
 from vae_train.ops.reference import soft_clamp_logvar
+from vae_train.recon_metrics import ReconstructionMetrics
 
 _PSNR_MIN_MSE = 1e-10  # a perfect reconstruction reports 100 dB instead of infinity
 
@@ -202,26 +204,24 @@ def score_images(
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image terms (float64 ``[B]``): ``nelbo``, ``recon``, ``kl`` (nats), ``iw_nll`` when
-    ``iw_samples > 0``, ``psnr``, ``ssim``; plus ``mu`` (the posterior means, for active units)."""
+    ``iw_samples > 0``; plus ``mu`` (the posterior means, for active units), ``target`` (the
+    images the likelihood scores) and ``reconstruction`` (``mean(decode(mu))``), both in the
+    likelihood's value range, for the reconstruction metrics."""
     out = model(x, generator=generator)
-    target = model.target(x)
-    lo, hi = model.likelihood.value_range
-    recon_images = model.likelihood.mean(model.decode(out.mu))
-    as_unit = lambda t: (t.double() - lo) / (hi - lo)  # noqa: E731
     scores = {
         "recon": out.recon_nll.double(),
         "kl": out.kl.double(),
         "nelbo": out.nelbo.double(),
-        "psnr": psnr(as_unit(recon_images), as_unit(target)),
-        "ssim": ssim(as_unit(recon_images), as_unit(target)),
         "mu": out.mu.double(),
+        "target": model.target(x),
+        "reconstruction": model.likelihood.mean(model.decode(out.mu)),
     }
     if iw_samples > 0:
         scores["iw_nll"] = iw_nll(model, x, iw_samples, iw_batch_size=iw_batch_size, generator=generator)
     return scores
 
 
-_SUMMED = ("recon", "kl", "nelbo", "iw_nll", "psnr", "ssim")
+_SUMMED = ("recon", "kl", "nelbo", "iw_nll")
 _OFFSET = 3 + len(_SUMMED)
 
 
@@ -243,6 +243,7 @@ def evaluate_stream(
     active_threshold: float = 0.01,
     seed: int = 0,
     image_hw: tuple[int, int] | None = None,
+    recon_metrics: ReconstructionMetrics | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on a stream of batches; returns the metrics of the whole split.
 
@@ -255,7 +256,9 @@ def evaluate_stream(
     Keys: ``images``; ``nelbo_nats``, ``recon_nats``, ``kl_nats`` and their ``*_bpd``;
     ``iw_nll_nats``, ``iw_nll_bpd``, ``iw_samples`` (when ``iw_samples > 0``);
     ``active_units``/``latent_units`` and ``active_channels``/``latent_channels``;
-    ``psnr_db``, ``ssim``; ``nonfinite_images`` (images whose negative ELBO or IW
+    the reconstruction metrics of ``recon_metrics`` (default: ``psnr_db`` and ``ssim``;
+    see :class:`vae_train.recon_metrics.ReconstructionMetrics` for ``lpips``, ``rfid``,
+    ``rfid_images``), over the images with a finite score; ``nonfinite_images`` (images whose negative ELBO or IW
     NLL is not finite: excluded from the means and counted here, never hidden);
     ``skipped_samples`` (samples the stream masked out as damaged or mis-sized, when
     it reports them through a ``stats()`` method like :class:`vae_train.data.ValStream`);
@@ -271,6 +274,7 @@ def evaluate_stream(
     if iw_samples < 0:
         raise EvalError(f"iw_samples must be >= 0 (0 = no importance sampling), got {iw_samples}")
     device = next(vae.parameters()).device
+    recon_metrics = recon_metrics or ReconstructionMetrics()
     generator = torch.Generator(device=device).manual_seed(seed + distributed.rank())
     latent_numel = math.prod(latent_shape)
     # sums layout: [finite count, nonfinite count, skipped samples, one sum per _SUMMED key, mu sums, mu^2 sums]
@@ -297,6 +301,8 @@ def evaluate_stream(
             for i, key in enumerate(_SUMMED):
                 if key in scores:
                     sums[3 + i] += scores[key].cpu()[finite].sum()
+            keep = finite.to(scores["target"].device)
+            recon_metrics.update(scores["target"][keep], scores["reconstruction"][keep], vae.likelihood.value_range)
             mu = scores["mu"].cpu()[finite].flatten(1)
             sums[_OFFSET : _OFFSET + latent_numel] += mu.sum(0)
             sums[_OFFSET + latent_numel :] += mu.square().sum(0)
@@ -311,7 +317,9 @@ def evaluate_stream(
             f"{skipped}); the data does not fit the model (model.image_size={vae.config.image_size}, "
             f"model.in_channels={vae.config.in_channels}): evaluate on matching data, or set data.resize=true"
         )
-    return _summarize(sums, iw_samples, active_threshold, latent_shape, num_dims)
+    metrics = _summarize(sums, iw_samples, active_threshold, latent_shape, num_dims)
+    metrics.update(recon_metrics.compute())  # every rank: it all-reduces
+    return metrics
 
 
 def _summarize(sums: torch.Tensor, iw_samples: int, active_threshold: float, latent_shape: tuple[int, ...],
@@ -344,8 +352,6 @@ def _summarize(sums: torch.Tensor, iw_samples: int, active_threshold: float, lat
         latent_units=units,
         active_channels=int((per_channel > active_threshold).sum()),
         latent_channels=latent_shape[0],
-        psnr_db=means["psnr"],
-        ssim=means["ssim"],
         nonfinite_images=nonfinite,
         skipped_samples=int(sums[2]),
     )

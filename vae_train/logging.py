@@ -15,7 +15,9 @@ straight. TensorBoard layout under ``{run_dir}/tb/``:
   the channels above ``logging.active_unit_threshold``.
 
 ``metrics.jsonl`` in the run directory repeats every logged row as JSON, for
-scripts and tests that should not parse event files.
+scripts and tests that should not parse event files. With ``logging.wandb.enabled``
+the same scalars and image grids, and the resolved config, also go to wandb
+(:mod:`vae_train.wandb_tracker`; offline by default).
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def save_png(grid: np.ndarray, path: str | Path) -> Path:
 class RunLogger:
     """TensorBoard + progress bar + metrics.jsonl on rank 0; does nothing on other ranks."""
 
-    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, *, max_steps: int, start_step: int, is_main: bool) -> None:
+    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, *, max_steps: int, start_step: int, is_main: bool,
+                 run_config: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.is_main = is_main
         self.run_dir = Path(run_dir)
@@ -97,8 +100,13 @@ class RunLogger:
         self._writer: Any = None
         self._bar: Any = None
         self._jsonl: Any = None
+        self._wandb: Any = None
         if not is_main:
             return
+        if cfg.wandb.enabled:
+            from vae_train.wandb_tracker import WandbTracker
+
+            self._wandb = WandbTracker(cfg.wandb, run_dir, run_config or {})
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
@@ -133,6 +141,8 @@ class RunLogger:
         row = {"step": step, "split": prefix, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.scalars(step, values, prefix)
 
     def progress(self, step: int, loss: float) -> None:
         """Advance the bar to ``step`` and show the current loss (ETA comes from tqdm)."""
@@ -155,6 +165,8 @@ class RunLogger:
             return
         for name, grid in grids.items():
             self._writer.add_image(f"images/{name}", grid, step, dataformats="HWC")
+        if self._wandb is not None:
+            self._wandb.images(step, grids)
 
     def close(self) -> None:
         if not self.is_main:
@@ -163,3 +175,5 @@ class RunLogger:
         self._writer.flush()
         self._writer.close()
         self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.close()

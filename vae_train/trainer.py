@@ -58,6 +58,8 @@ from vae_train.errors import VaeTrainError
 from vae_train.logging import RunLogger, log, pairs_grid, image_grid, save_png, setup_console
 from vae_train.export import initialize_from
 from vae_train.model import LossTerms, VAEOutput, bits_per_dim, build_model, freeze, likelihood_value_range, vae_loss
+from vae_train.recon_metrics import Extractors, ReconstructionMetrics, build_extractors
+from vae_train.wandb_tracker import check_available
 from vae_train.preemption import PreemptionHandler, requeue_if_slurm
 from vae_train.schedules import build_beta_schedule
 
@@ -150,6 +152,11 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
         log.warning(note)
     torch.manual_seed(_derive_seed(cfg.seed, "noise", rank))  # this rank's reparameterization noise
 
+    # the validation metrics' networks and the tracker: missing weights or packages stop here, on every rank
+    check_available(cfg.logging.wandb)
+    extractors = build_extractors(cfg.eval.metrics, inception_weights=cfg.eval.inception_weights,
+                                  lpips_backbone_path=cfg.eval.lpips_backbone_path, device=engine.device)
+
     # -- data, checkpoints, resume ---------------------------------------------------
     train_stream, val_stream = _build_streams(cfg, engine)
     step, skipped_total, skipped_in_a_row = 0, 0, 0
@@ -169,7 +176,8 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
         step = checkpoints.load(resume_path).step
     _write_run_info(cfg, engine, num_parameters, resumed_from=resume_path, trained=trained)
 
-    logger = RunLogger(cfg.run_dir, cfg.logging, max_steps=cfg.train.max_steps, start_step=step, is_main=rank == 0)
+    logger = RunLogger(cfg.run_dir, cfg.logging, max_steps=cfg.train.max_steps, start_step=step, is_main=rank == 0,
+                       run_config=cfg.model_dump(mode="json"))
     logger.info(f"TensorBoard logs: {Path(cfg.run_dir, 'tb').resolve()}  (tensorboard --logdir {cfg.run_dir}/tb)")
     beta_at = build_beta_schedule(cfg.kl, cfg.train.max_steps)
     value_range = likelihood_value_range(cfg.model.likelihood)
@@ -231,7 +239,8 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                 if _due(step, cfg.logging.image_every) and probe is not None:
                     logger.images(step, _image_grids(engine, probe, value_range, cfg.seed))
                 if val_stream is not None and _due(step, cfg.train.val_every) and step < cfg.train.max_steps:
-                    logger.scalars(step, validate(engine, val_stream, cfg), prefix="val")
+                    for prefix, metrics in validate(engine, val_stream, cfg, extractors).items():
+                        logger.scalars(step, metrics, prefix=prefix)
 
                 # checkpoint, and stop cleanly when SLURM/the cluster asks for the machine back
                 checkpoints.maybe_save(step)
@@ -248,7 +257,8 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
         if not preempted:
             if val_stream is not None:
-                logger.scalars(step, validate(engine, val_stream, cfg), prefix="val")
+                for prefix, metrics in validate(engine, val_stream, cfg, extractors).items():
+                    logger.scalars(step, metrics, prefix=prefix)
             if probe is not None:
                 _final_grids(engine, logger, probe, value_range, cfg, step)
             if _checkpointing_enabled(cfg):
@@ -361,19 +371,29 @@ def _evaluating(engine: Engine) -> Iterator[torch.nn.Module]:
         module.train(was_training)
 
 
-def validate(engine: Engine, val_stream: Any, cfg: Config) -> dict[str, float]:
-    """Validation metrics over the whole split (or ``train.val_batches`` per rank), same on every rank.
+def validate(engine: Engine, val_stream: Any, cfg: Config, extractors: Extractors) -> dict[str, dict[str, float]]:
+    """Validation metrics over the whole split (or ``train.val_batches`` per rank), same on every rank,
+    by TensorBoard prefix: ``{"val": metrics of the training weights}``.
 
     :func:`vae_train.evaluate.evaluate_stream` does the work (ELBO and bits/dim,
-    optional IW-NLL, active units, PSNR/SSIM), so training validation and
-    ``vae-train eval`` report identical numbers; its noise comes from its own
-    generator, leaving the training RNG streams untouched.
+    optional IW-NLL, active units, and the reconstruction metrics of ``eval.metrics``
+    with the networks in ``extractors``), so training validation and ``vae-train
+    eval`` report identical numbers; its noise comes from its own generator, leaving
+    the training RNG streams untouched. A run that keeps EMA weights adds a
+    ``"val_ema"`` entry: the same :func:`_validate_module` call with the EMA weights
+    swapped in.
     """
+    with _evaluating(engine) as module:
+        return {"val": _validate_module(module, val_stream, cfg, extractors)}
+
+
+def _validate_module(module: torch.nn.Module, val_stream: Any, cfg: Config, extractors: Extractors) -> dict[str, float]:
+    """One evaluation of ``module`` (already in eval mode with whole parameters) on the validation split."""
     from vae_train.evaluate import evaluate_stream
 
-    with _evaluating(engine) as module:
-        metrics = evaluate_stream(module, val_stream, cfg.eval.iw_samples, max_batches=cfg.train.val_batches,
-                                  active_threshold=cfg.logging.active_unit_threshold, seed=cfg.seed)
+    metrics = evaluate_stream(module, val_stream, cfg.eval.iw_samples, max_batches=cfg.train.val_batches,
+                              active_threshold=cfg.logging.active_unit_threshold, seed=cfg.seed,
+                              recon_metrics=ReconstructionMetrics(cfg.eval.metrics, extractors))
     return {key: float(value) for key, value in metrics.items()}
 
 

@@ -109,6 +109,44 @@ def _png_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
+def test_eval_reconstruction_metrics_agree_over_one_and_two_ranks(tiny_run: TinyRun, inception_weights: Path,
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--metrics psnr,ssim,rfid with the (random-weight) FID Inception file: each image once over the ranks and
+    the float64 feature statistics all-reduced, so 2 ranks give the 1-rank rFID. A split of 7 real images
+    keeps the Inception work small (299x299 on 2 CPU cores); 7 over 2 ranks x batches of 2 leaves padding."""
+    small = tmp_path / "small-shards"
+    assert main(["prepare", "fashion-mnist", "--out", str(small), "--limit", "7", "--val-fraction", "0",
+                 "--workers", "1", "--no-progress"]) == 0
+    data = f"{small}#test"
+    flags = ["--metrics", "psnr,ssim,rfid", "--inception-weights", str(inception_weights), "--batch-size", "2",
+             "data.num_workers=0"]
+    single_out = tmp_path / "one.json"
+    assert main(["eval", "--checkpoint", str(tiny_run.export), "--data", data, "--out", str(single_out), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "rFID (7 images)" in printed and "not comparable with published figures" in printed
+    single = json.loads(single_out.read_text())
+    assert single["rfid_published_weights"] is False
+    out = tmp_path / "two.json"
+    done = run(torchrun("-m", "vae_train", "eval", "--checkpoint", str(tiny_run.export), "--data", data,
+                        "--out", str(out), *flags), timeout_s=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = json.loads(out.read_text())
+    assert two["world_size"] == 2
+    assert single["images"] == single["rfid_images"] == two["rfid_images"] == two["images"] == 7
+    assert single["rfid"] > 0
+    assert two["rfid"] == pytest.approx(single["rfid"], rel=1e-6)
+    assert two["psnr_db"] == pytest.approx(single["psnr_db"], rel=1e-9)
+    assert two["ssim"] == pytest.approx(single["ssim"], rel=1e-9)
+    # missing weights: a clear error before any image is read
+    assert main(["eval", "--checkpoint", str(tiny_run.export), "--data", str(tiny_run.shards), "--metrics", "rfid",
+                 "--inception-weights", str(tmp_path / "absent.pth")]) == 2
+    assert "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tiny_run.export), "--data", str(tiny_run.shards), "--metrics",
+                 "psnr,fid"]) == 2
+    assert "unknown reconstruction metric" in capsys.readouterr().err
+
+
 def test_sample_writes_a_grid_and_single_images(tiny_run: TinyRun, tmp_path: Path) -> None:
     grid, single = tmp_path / "grid.png", tmp_path / "single"
     assert main(["sample", "--checkpoint", str(tiny_run.export), "--n", "16", "--temperature", "0.8",

@@ -44,7 +44,15 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    ev = _command(subparsers, "eval", "ELBO, IW-NLL (bits/dim), active units, PSNR/SSIM on a data split", data=True)
+    ev = _command(subparsers, "eval", "ELBO, IW-NLL (bits/dim), active units, PSNR/SSIM/LPIPS/rFID on a data split",
+                  data=True)
+    ev.add_argument("--metrics", default=None, metavar="LIST",
+                    help="reconstruction metrics, any of psnr,ssim,lpips,rfid (default eval.metrics: psnr,ssim)")
+    ev.add_argument("--inception-weights", default=None, metavar="PATH",
+                    help="FID Inception state dict pt_inception-2015-12-05-6726825d.pth for rfid (default "
+                         "eval.inception_weights, else $TORCH_HOME/hub/checkpoints/); never downloaded")
+    ev.add_argument("--lpips-backbone", default=None, metavar="PATH",
+                    help="VGG16 weights for lpips (default eval.lpips_backbone_path); never downloaded")
     ev.add_argument("--iw-samples", type=int, default=None, metavar="K", help="importance samples for the IWAE NLL (K >= 1)")
     ev.add_argument("--iw-batch-size", type=int, default=1024, help="latents decoded at once by the IWAE bound")
     ev.add_argument("--max-batches", type=int, default=0, help="stop after N batches per rank (0 = whole split)")
@@ -269,14 +277,22 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from vae_train.distributed import detect_launch_env
     from vae_train.evaluate import evaluate_stream
+    from vae_train.recon_metrics import ReconstructionMetrics, build_extractors, parse_metrics
 
     if args.iw_samples is not None:
         _check_count("--iw-samples", args.iw_samples)
     _check_count("--iw-batch-size", args.iw_batch_size)
     cfg = _settings(args)
+    names = parse_metrics(args.metrics if args.metrics is not None else cfg.eval.metrics)
     env = detect_launch_env()
     out = _output_path(args.out, "the metrics") if (args.out and env.is_main) else None
     with process_group(args, cfg, env) as device:
+        # the metric networks first: missing weights fail before the model or the data is read
+        extractors = build_extractors(
+            names, device=device,
+            inception_weights=args.inception_weights if args.inception_weights is not None else cfg.eval.inception_weights,
+            lpips_backbone_path=args.lpips_backbone if args.lpips_backbone is not None else cfg.eval.lpips_backbone_path,
+        )
         model = _load(args, cfg, device)
         image_hw = _apply_size_options(args, model)
         stream = _stream(args, cfg, model, env.rank, env.world_size, image_hw)
@@ -288,11 +304,22 @@ def run_eval(args: argparse.Namespace) -> int:
             iw_batch_size=args.iw_batch_size,
             seed=args.seed,
             image_hw=image_hw,
+            recon_metrics=ReconstructionMetrics(names, extractors),
         )
     if not env.is_main:
         return 0
     report = {"checkpoint": args.checkpoint, "data": args.data, "world_size": env.world_size, **metrics}
     print(format_metrics(metrics))
+    if extractors.inception is not None:
+        report["rfid_published_weights"] = extractors.inception.published_weights
+        if not extractors.inception.published_weights:
+            print("warning: the Inception weights are not the published pt_inception-2015-12-05-6726825d.pth: "
+                  "this rFID is not comparable with published figures")
+    if extractors.lpips is not None:
+        report["lpips_imagenet_backbone"] = extractors.lpips.imagenet_backbone
+        if not extractors.lpips.imagenet_backbone:
+            print("warning: LPIPS runs on a VGG16 that is not torchvision's ImageNet file: this LPIPS is not "
+                  "comparable with published figures")
     if metrics["nonfinite_images"]:
         print(f"warning: {metrics['nonfinite_images']} image(s) had a non-finite score and are not in the means")
     if metrics["skipped_samples"]:
@@ -313,6 +340,8 @@ _ROWS = (
     ("active channels", "active_channels", "{:.0f} / {latent_channels}"),
     ("PSNR (dB)", "psnr_db", "{:.2f}"),
     ("SSIM", "ssim", "{:.4f}"),
+    ("LPIPS", "lpips", "{:.4f}"),
+    ("rFID ({rfid_images} images)", "rfid", "{:.3f}"),
 )
 
 
@@ -326,8 +355,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
             lines.append(
                 f"{label.format(**metrics):24s} {metrics[f'{key}_nats']:12.3f} {metrics[f'{key}_bpd']:10.4f}"
             )
-        else:
-            lines.append(f"{label:24s} {fmt.format(metrics[key], **metrics):>12s}")
+        elif key in metrics:
+            lines.append(f"{label.format(**metrics):24s} {fmt.format(metrics[key], **metrics):>12s}")
     return "\n".join(lines)
 
 
