@@ -375,6 +375,9 @@ class Config(Section):
             raise ValueError(
                 f"loss.pixel={self.loss.pixel} reads the decoder output as the image in [-1, 1], which is "
                 f"model.likelihood=gaussian_fixed; model.likelihood={self.model.likelihood} cannot be used with it")
+        if self.loss.pixel != "none" and self.model.size_mode == "crop":
+            raise ValueError(f"loss.pixel={self.loss.pixel} compares whole images: model.size_mode=crop would score "
+                             "a centre crop only; use model.size_mode=pad or an image_size the model divides")
         if self.loss.disc_weight > 0 and self.loss.disc_start >= self.train.max_steps:
             raise ValueError(
                 f"loss.disc_start={self.loss.disc_start} is not before train.max_steps={self.train.max_steps}: the "
