@@ -11,4 +11,5 @@ pytest_plugins: list[str] = [
     "tests.fixtures.data",
     "tests.fixtures.trained_vae",
     "tests.fixtures.slurm",
+    "tests.fixtures.vgg",
 ]

@@ -50,17 +50,23 @@ from typing import Any
 
 import torch
 
-from vae_train.checkpoint import CheckpointManager, DeepSpeedState, Resize, StateFunctions
+from vae_train.autoencoder_step import TERMS, AutoencoderStepResult, autoencoder_step
+from vae_train.checkpoint import CheckpointManager, DeepSpeedState, Resize, StateFunctions, read_manifest
 from vae_train.config import Config
 from vae_train.distributed import all_reduce_sum, any_rank
-from vae_train.engine import Engine, StepDecision, setup_engine
+from vae_train.ema import EMA
+from vae_train.engine import Engine, StepDecision, setup_discriminator_engine, setup_engine
+from vae_train.losses import AutoencoderObjective, LastLayerTap, attach_output_logvar
 from vae_train.errors import VaeTrainError
-from vae_train.logging import RunLogger, log, pairs_grid, image_grid, save_png, setup_console
+from vae_train.logging import RunLogger, diff_grid, log, pairs_grid, image_grid, save_png, setup_console
 from vae_train.model import ConvVAE, LossTerms, VAEOutput, bits_per_dim, likelihood_value_range, vae_loss
+from vae_train.model.discriminator import PatchDiscriminator
 from vae_train.preemption import PreemptionHandler, requeue_if_slurm
 from vae_train.schedules import build_beta_schedule
 
 GRID_IMAGES = 16
+ELBO_TERMS = ("loss", "recon", "kl")
+"""Names of :attr:`StepResult.sums` (the autoencoder objective's are ``autoencoder_step.TERMS``)."""
 
 
 class TrainingError(VaeTrainError):
@@ -87,7 +93,7 @@ class StepResult:
 
     decision: StepDecision  # applied or skipped (and why), with the global gradient norm
     micro_batches: int
-    sums: torch.Tensor  # float64 [3] on the device: loss, recon, kl summed over the micro-batches
+    sums: torch.Tensor  # float64 [len(ELBO_TERMS)] on the device: loss, recon, kl summed over the micro-batches
     kl_per_channel: torch.Tensor  # float32 [latent_channels] on the device: micro-batch means, summed
     first_input: torch.Tensor  # the step's first micro-batch as the model got it (for image grids)
 
@@ -135,8 +141,19 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
     # -- the model and the engine: bad settings stop here, before any rank waits ----
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = ConvVAE(cfg.model)
+    tokenizer = cfg.loss.pixel != "none"  # the latent-diffusion autoencoder objective
+    if cfg.loss.learned_logvar:
+        attach_output_logvar(model, cfg.loss.logvar_init)
+    critic = (PatchDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+              if cfg.loss.disc_weight > 0 else None)
+    lpips = _build_lpips(cfg) if cfg.loss.perceptual_weight > 0 else None  # missing weights: stop here, every rank
     num_parameters = model.num_parameters()  # before ZeRO-3 partitions them
     engine = setup_engine(cfg, model)
+    disc = setup_discriminator_engine(cfg, critic, engine) if critic is not None else None
+    objective = AutoencoderObjective(cfg.loss, lpips.to(engine.device) if lpips is not None else None) if tokenizer else None
+    tap = LastLayerTap(engine.module.last_decoder_layer()) if disc is not None and cfg.loss.adaptive_weight else None
+    ema = (EMA(engine.module, cfg.ema.decay, cfg.ema.start_step, cfg.ema.every_steps,
+               partitioned=engine.ds.zero_optimization_stage() == 3) if cfg.ema.decay > 0 else None)
     rank, world = engine.env.rank, engine.env.world_size
     setup_console(rank)
     for note in notes:
@@ -145,7 +162,7 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
     # -- data, checkpoints, resume ---------------------------------------------------
     train_stream, val_stream = _build_streams(cfg, engine)
-    step, skipped_total, skipped_in_a_row = 0, 0, 0
+    step, skipped_total, skipped_in_a_row, skipped_disc = 0, 0, 0, 0
 
     def restore_counters(state: dict[str, Any]) -> None:
         nonlocal skipped_total
@@ -157,9 +174,19 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
     checkpoints.register("data", train_stream, resize=Resize.RESTART)
     checkpoints.register("trainer", StateFunctions(lambda: {"skipped_steps": skipped_total}, restore_counters),
                          resize=Resize.REPLICATED)
+    if ema is not None:  # whole weights on every rank (ZeRO 0-2) map to any world size; ZeRO-3 partitions do not
+        checkpoints.register("ema", ema, resize=Resize.REFUSE if ema.partitioned else Resize.REPLICATED)
     resume_path = checkpoints.resolve_resume()
+    fresh_disc = (disc is not None and resume_path is not None and cfg.loss.fresh_discriminator
+                  and "disc" not in read_manifest(Path(resume_path)).parts)  # type: ignore[union-attr]
+    if disc is not None and not fresh_disc:
+        checkpoints.register("disc", DeepSpeedState(disc.ds))  # a checkpoint without it is refused by name
     if resume_path:
         step = checkpoints.load(resume_path).step
+    if fresh_disc:
+        checkpoints.register("disc", DeepSpeedState(disc.ds))  # type: ignore[union-attr]
+        log.warning("loss.fresh_discriminator=true: %s has no discriminator; a fresh one starts at step %d",
+                    resume_path, step)
     _write_run_info(cfg, engine, num_parameters, resumed_from=resume_path)
 
     logger = RunLogger(cfg.run_dir, cfg.logging, max_steps=cfg.train.max_steps, start_step=step, is_main=rank == 0)
@@ -177,8 +204,13 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
         with PreemptionHandler() as preempt:
             while step < cfg.train.max_steps:
                 beta = beta_at(step)
-                loss_fn = functools.partial(vae_loss, beta=beta, free_bits=cfg.kl.free_bits)
-                result = train_step(engine, batches, step, loss_fn, check_range=probe is None)
+                result: StepResult | AutoencoderStepResult
+                if objective is not None:
+                    result = autoencoder_step(engine, disc, objective, tap, batches, step, beta,
+                                              check_range=probe is None)
+                else:
+                    loss_fn = functools.partial(vae_loss, beta=beta, free_bits=cfg.kl.free_bits)
+                    result = train_step(engine, batches, step, loss_fn, check_range=probe is None)
                 if probe is None:
                     probe = result.first_input[:GRID_IMAGES].clone()
                 decision = result.decision
@@ -198,12 +230,18 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                             "optimizer.warmup_steps, use distributed.precision=fp32, or check the data; "
                             "resume from the last checkpoint"
                         )
+                disc_decision = getattr(result, "disc_decision", None)
+                if disc_decision is not None and not disc_decision.applied:
+                    skipped_disc += 1
+                    log.warning("step %d: discriminator update skipped on every rank: %s", step, disc_decision.reason)
                 window.add(result)
                 step += 1
+                if ema is not None and decision.applied:
+                    ema.update(step)
 
                 # log (scalars are averaged over the logging window and over ranks)
                 if step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps:
-                    row = window.reduce()
+                    row = window.reduce(TERMS if objective is not None else ELBO_TERMS)
                     last_loss = row["loss"]
                     data_stats = train_stream.stats()
                     row.update(
@@ -213,8 +251,11 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                         lr=engine.lr_at(step - 1),
                         skipped_steps=float(skipped_total),
                         images_per_s=row.pop("steps") * engine.plan.global_batch_size / max(row.pop("seconds"), 1e-9),
-                        bits_per_dim=bits_per_dim(row["recon"] + row["kl"], num_dims),
                     )
+                    if objective is None:
+                        row["bits_per_dim"] = bits_per_dim(row["recon"] + row["kl"], num_dims)
+                    if disc is not None:
+                        row["disc_skipped_steps"] = float(skipped_disc)
                     kl_channels = row.pop("kl_per_channel")
                     logger.scalars(step, row)
                     if _due(step, cfg.logging.histogram_every):
@@ -222,9 +263,9 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                     logger.progress(step, last_loss)
                     window = _Window()
                 if _due(step, cfg.logging.image_every) and probe is not None:
-                    logger.images(step, _image_grids(engine, probe, value_range, cfg.seed))
+                    logger.images(step, _image_grids(engine, probe, value_range, cfg.seed, ema))
                 if val_stream is not None and _due(step, cfg.train.val_every) and step < cfg.train.max_steps:
-                    logger.scalars(step, validate(engine, val_stream, cfg), prefix="val")
+                    _log_validation(logger, step, engine, val_stream, cfg, lpips, ema)
 
                 # checkpoint, and stop cleanly when SLURM/the cluster asks for the machine back
                 checkpoints.maybe_save(step)
@@ -241,14 +282,16 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
         if not preempted:
             if val_stream is not None:
-                logger.scalars(step, validate(engine, val_stream, cfg), prefix="val")
+                _log_validation(logger, step, engine, val_stream, cfg, lpips, ema)
             if probe is not None:
-                _final_grids(engine, logger, probe, value_range, cfg, step)
+                _final_grids(engine, logger, probe, value_range, cfg, step, ema)
             if _checkpointing_enabled(cfg):
                 checkpoints.save(step, final=True)
                 checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
             logger.info(f"done: {step} steps, {skipped_total} skipped; samples and reconstructions in {cfg.run_dir}")
     finally:
+        if tap is not None:
+            tap.close()
         train_stream.close()
         logger.close()
         checkpoints.close()
@@ -301,7 +344,7 @@ class _Window:
         self.kl_channels: torch.Tensor | None = None
         self.grad_norm = 0.0
 
-    def add(self, result: StepResult) -> None:
+    def add(self, result: StepResult | AutoencoderStepResult) -> None:
         self.micro += result.micro_batches
         self.steps += 1
         self.sums = result.sums if self.sums is None else self.sums + result.sums
@@ -309,22 +352,18 @@ class _Window:
         self.kl_channels = channels if self.kl_channels is None else self.kl_channels + channels
         self.grad_norm = result.decision.grad_norm
 
-    def reduce(self) -> dict[str, Any]:
-        """Window means over ranks (one all-reduce); timing is rank 0's own."""
-        sums = self.sums.tolist() if self.sums is not None else [0.0, 0.0, 0.0]  # the window's host sync
+    def reduce(self, names: Sequence[str]) -> dict[str, Any]:
+        """Window means over ranks (one all-reduce) of the terms ``names``; timing is rank 0's own."""
+        n = len(names)
+        sums = self.sums.tolist() if self.sums is not None else [0.0] * n  # the window's host sync
         channels = self.kl_channels.tolist() if self.kl_channels is not None else [0.0]
         totals = all_reduce_sum(torch.tensor([*sums, float(self.micro), *channels], dtype=torch.float64)).tolist()
-        count = max(totals[3], 1.0)
+        count = max(totals[n], 1.0)
         seconds = time.perf_counter() - self.start
-        return {
-            "loss": totals[0] / count,
-            "recon": totals[1] / count,
-            "kl": totals[2] / count,
-            "grad_norm": self.grad_norm,
-            "steps": self.steps,
-            "seconds": seconds,
-            "kl_per_channel": torch.tensor(totals[4:]) / count,
-        }
+        row: dict[str, Any] = {name: totals[i] / count for i, name in enumerate(names)}
+        row.update(grad_norm=self.grad_norm, steps=self.steps, seconds=seconds,
+                   kl_per_channel=torch.tensor(totals[n + 1:]) / count)
+        return row
 
 
 @contextlib.contextmanager
@@ -353,7 +392,7 @@ def _evaluating(engine: Engine) -> Iterator[torch.nn.Module]:
         module.train(was_training)
 
 
-def validate(engine: Engine, val_stream: Any, cfg: Config) -> dict[str, float]:
+def validate(engine: Engine, val_stream: Any, cfg: Config, lpips: torch.nn.Module | None = None) -> dict[str, float]:
     """Validation metrics over the whole split (or ``train.val_batches`` per rank), same on every rank.
 
     :func:`vae_train.evaluate.evaluate_stream` does the work (ELBO and bits/dim,
@@ -366,26 +405,71 @@ def validate(engine: Engine, val_stream: Any, cfg: Config) -> dict[str, float]:
     with _evaluating(engine) as module:
         metrics = evaluate_stream(module, val_stream, cfg.eval.iw_samples, max_batches=cfg.train.val_batches,
                                   active_threshold=cfg.logging.active_unit_threshold, seed=cfg.seed)
+        if lpips is not None:
+            metrics.update(_val_lpips(module, val_stream, lpips, cfg.train.val_batches))
     return {key: float(value) for key, value in metrics.items()}
 
 
-def _image_grids(engine: Engine, probe: torch.Tensor, value_range: tuple[float, float], seed: int) -> dict[str, Any]:
-    """Inputs beside reconstructions, and prior samples (a fixed generator: comparable over steps)."""
+def _build_lpips(cfg: Config) -> torch.nn.Module:
+    """LPIPS for ``loss.perceptual_weight`` (missing weights: an error naming where it looked)."""
+    from vae_train.model.perceptual import build_lpips
+
+    lpips = build_lpips(cfg.loss.lpips_backbone_path or None)
+    if not lpips.imagenet_backbone:
+        log.warning("LPIPS backbone %s is not torchvision's ImageNet VGG16: the perceptual term and the logged "
+                    "lpips values use a non-ImageNet (e.g. random) network and are NOT comparable with published "
+                    "LPIPS", lpips.source)
+    return lpips
+
+
+@torch.no_grad()
+def _val_lpips(module: torch.nn.Module, val_stream: Any, lpips: torch.nn.Module, max_batches: int) -> dict[str, float]:
+    """Mean LPIPS of deterministic reconstructions of the validation images (every rank; one all-reduce)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for index, batch in enumerate(val_stream):
+        if max_batches and index >= max_batches:
+            break
+        x = batch["image"].to(next(lpips.parameters()).device)
+        mask = batch.get("mask")
+        d = lpips(x.float(), module.reconstruct(x).float()).double().cpu()
+        keep = mask.bool().cpu() if mask is not None else torch.ones_like(d, dtype=torch.bool)
+        total += torch.stack([d[keep].sum(), keep.sum().double()])
+    total = all_reduce_sum(total)
+    return {"lpips": float(total[0] / max(float(total[1]), 1.0))}
+
+
+def _log_validation(logger: RunLogger, step: int, engine: Engine, val_stream: Any, cfg: Config,
+                    lpips: torch.nn.Module | None, ema: EMA | None) -> None:
+    """Validation of the raw weights (``val/``) and, once it exists, of the EMA weights (``val_ema/``)."""
+    logger.scalars(step, validate(engine, val_stream, cfg, lpips), prefix="val")
+    if ema is not None and ema.initialized:
+        with ema.swapped():
+            logger.scalars(step, validate(engine, val_stream, cfg, lpips), prefix="val_ema")
+
+
+def _image_grids(engine: Engine, probe: torch.Tensor, value_range: tuple[float, float], seed: int,
+                 ema: EMA | None = None) -> dict[str, Any]:
+    """Inputs beside reconstructions, input | reconstruction | amplified difference, and prior samples
+    (a fixed generator: comparable over steps); the EMA weights when there are some."""
     generator = torch.Generator(device=engine.device).manual_seed(seed)
-    with _evaluating(engine) as module:
+    swap = ema.swapped() if ema is not None else contextlib.nullcontext()
+    with swap, _evaluating(engine) as module:
         recon = module.reconstruct(probe)
         samples = module.sample(GRID_IMAGES * 2, generator=generator)
-    return {"reconstructions": pairs_grid(probe, recon, value_range), "samples": image_grid(samples, value_range)}
+    return {"reconstructions": pairs_grid(probe, recon, value_range),
+            "input_recon_diff": diff_grid(probe, recon, value_range),
+            "samples": image_grid(samples, value_range)}
 
 
 def _final_grids(engine: Engine, logger: RunLogger, probe: torch.Tensor, value_range: tuple[float, float],
-                 cfg: Config, step: int) -> None:
+                 cfg: Config, step: int, ema: EMA | None = None) -> None:
     """The end-of-run grids in TensorBoard and as PNGs users can open directly."""
-    grids = _image_grids(engine, probe, value_range, cfg.seed)
+    grids = _image_grids(engine, probe, value_range, cfg.seed, ema)
     logger.images(step, grids)
     if engine.env.rank == 0:
         save_png(grids["samples"], Path(cfg.run_dir) / "samples.png")
         save_png(grids["reconstructions"], Path(cfg.run_dir) / "reconstructions.png")
+        save_png(grids["input_recon_diff"], Path(cfg.run_dir) / "input_recon_diff.png")
 
 
 def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_from: str | None) -> None:

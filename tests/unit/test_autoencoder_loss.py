@@ -57,16 +57,11 @@ def test_adaptive_weight_matches_autograd_in_float64() -> None:
     assert not got.requires_grad
 
 
-def test_lpips_term_reaches_the_decoder(tmp_path) -> None:
+def test_lpips_term_reaches_the_decoder(random_vgg16) -> None:
     """The anchors' bug: LPIPS computed under no_grad trains nothing. Here it moves decoder gradients."""
-    from tests.unit.test_perceptual import CONVS
     from vae_train.model.perceptual import build_lpips
 
-    gen = torch.Generator().manual_seed(0)
-    state = {f"features.{i}.weight": torch.randn(o, c, 3, 3, generator=gen) * (2 / (9 * c)) ** 0.5 for i, c, o in CONVS}
-    state.update({f"features.{i}.bias": torch.zeros(o) for i, _, o in CONVS})
-    torch.save(state, tmp_path / "vgg.pth")
-    lpips = build_lpips(str(tmp_path / "vgg.pth"))
+    lpips = build_lpips(str(random_vgg16))
     torch.manual_seed(0)
     model = ConvVAE(TINY)
     x = torch.rand(2, 3, 16, 16) * 2 - 1

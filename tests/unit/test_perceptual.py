@@ -18,25 +18,6 @@ from vae_train.model.perceptual import (
     lpips_heads_path,
 )
 
-# torchvision's VGG16 "features": (index, in, out) of each conv; pools at 4, 9, 16, 23.
-CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
-         (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]
-
-
-@pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A random VGG16 in torchvision's layout (Kaiming-like scale so activations stay O(1))."""
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for index, cin, cout in CONVS:
-        state[f"features.{index}.weight"] = torch.randn(cout, cin, 3, 3, generator=gen) * (2.0 / (9 * cin)) ** 0.5
-        state[f"features.{index}.bias"] = torch.randn(cout, generator=gen) * 0.01
-    state["classifier.0.weight"] = torch.randn(8, 8, generator=gen)  # present in the real file; ignored
-    path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
-    torch.save(state, path)
-    return str(path)
-
-
 def reference_lpips(x: torch.Tensor, y: torch.Tensor, vgg_path: str) -> torch.Tensor:
     """LPIPS-VGG v0.1 written out in float64 from the published definition, one image pair at a time."""
     state = {k: v.double() for k, v in torch.load(vgg_path, map_location="cpu", weights_only=True).items()}
@@ -71,23 +52,23 @@ def reference_lpips(x: torch.Tensor, y: torch.Tensor, vgg_path: str) -> torch.Te
     return torch.stack(distances)
 
 
-def test_lpips_matches_float64_reference_rgb_and_gray(vgg_file: str) -> None:
-    lpips = build_lpips(vgg_file)
+def test_lpips_matches_float64_reference_rgb_and_gray(random_vgg16) -> None:
+    lpips = build_lpips(str(random_vgg16))
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1
     y = (x + 0.3 * torch.randn(3, 3, 32, 32, generator=gen)).clamp(-1, 1)
     got = lpips(x, y)
     assert got.shape == (3,)
-    torch.testing.assert_close(got.double(), reference_lpips(x, y, vgg_file), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.double(), reference_lpips(x, y, str(random_vgg16)), rtol=1e-4, atol=1e-6)
     gray_x, gray_y = x[:, :1], y[:, :1]
-    torch.testing.assert_close(lpips(gray_x, gray_y).double(), reference_lpips(gray_x, gray_y, vgg_file),
+    torch.testing.assert_close(lpips(gray_x, gray_y).double(), reference_lpips(gray_x, gray_y, str(random_vgg16)),
                                rtol=1e-4, atol=1e-6)
     assert torch.equal(lpips(x, x), torch.zeros(3))
     assert not lpips.imagenet_backbone  # a random file is not torchvision's: runs say LPIPS is not comparable
 
 
-def test_lpips_gradients_reach_the_images_not_the_metric(vgg_file: str) -> None:
-    lpips = build_lpips(vgg_file)
+def test_lpips_gradients_reach_the_images_not_the_metric(random_vgg16) -> None:
+    lpips = build_lpips(str(random_vgg16))
     x = torch.rand(2, 3, 16, 16, requires_grad=True)
     y = torch.rand(2, 3, 16, 16)
     lpips(x * 2 - 1, y * 2 - 1).sum().backward()
@@ -97,8 +78,8 @@ def test_lpips_gradients_reach_the_images_not_the_metric(vgg_file: str) -> None:
     assert not lpips.training  # a fixed metric: dropout-free eval mode always
 
 
-def test_lpips_other_channel_counts_are_per_channel_means(vgg_file: str) -> None:
-    lpips = build_lpips(vgg_file)
+def test_lpips_other_channel_counts_are_per_channel_means(random_vgg16) -> None:
+    lpips = build_lpips(str(random_vgg16))
     x, y = torch.rand(2, 2, 16, 16) * 2 - 1, torch.rand(2, 2, 16, 16) * 2 - 1
     expected = (lpips(x[:, :1], y[:, :1]) + lpips(x[:, 1:], y[:, 1:])) / 2
     torch.testing.assert_close(lpips(x, y), expected)
@@ -118,10 +99,10 @@ def test_missing_weights_name_both_places_and_never_download(tmp_path, monkeypat
         build_lpips(str(bad))
 
 
-def test_torchvision_cache_is_used_when_present(vgg_file: str, tmp_path, monkeypatch) -> None:
+def test_torchvision_cache_is_used_when_present(random_vgg16, tmp_path, monkeypatch) -> None:
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    (cache / VGG16_FILE).write_bytes(open(vgg_file, "rb").read())
+    (cache / VGG16_FILE).write_bytes(open(random_vgg16, "rb").read())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     lpips = build_lpips(None)
     assert lpips.source == str(cache / VGG16_FILE)

@@ -107,10 +107,10 @@ class OutputLogVar(nn.Module):
 
     def __init__(self, init: float) -> None:
         super().__init__()
-        self.value = nn.Parameter(torch.full((), float(init)))
+        self.value = nn.Parameter(torch.full((1,), float(init)))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
 
     def forward(self) -> torch.Tensor:
-        return self.value.float() * 1.0  # a new tensor: stays valid after ZeRO-3 releases the parameter
+        return self.value.float().sum()  # a new 0-d tensor: stays valid after ZeRO-3 releases the parameter
 
 
 def attach_output_logvar(model: nn.Module, init: float) -> None:
