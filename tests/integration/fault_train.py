@@ -15,7 +15,8 @@ The library knows nothing of this: every fault wraps a public seam --
                    ``out/upload_release`` exists (``out/upload_held`` marks the wait), then its next
                    K uploads raise (the library's retry must carry them)
 ``dump_at_save``   [N, ...]: when checkpoint N is saved, first dump the whole training state to
-                   ``out/saved-N.safetensors`` (see :func:`full_state`)
+                   ``out/saved-N.safetensors`` (see :func:`full_state` and :func:`_dump`: every
+                   DeepSpeed part, e.g. the discriminator, and the EMA)
 ``dump_after_load`` true: right after a resume's load, dump to ``out/loaded.safetensors`` and exit 0
 ``pauses``         [{"step": K, "touch": NAME, "wait": NAME?}, ...]: before optimizer step K
                    (0-based) every rank writes its pid to ``out/NAME.rankR`` and, with ``wait``,
@@ -96,10 +97,17 @@ def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _dump(engine: Any, name: str) -> None:
+def _dump(engines: dict[str, Any], states: dict[str, Any], name: str) -> None:
+    """``full_state`` of the model engine; other engines' under ``NAME:``; the EMA's tensors as ``ema/...``
+    (rank 0's: whole weights, replicated, under ZeRO 0-2)."""
     from safetensors.torch import save_file
 
-    state = full_state(engine)
+    state = full_state(engines["model"])
+    for part, engine in engines.items():
+        if part != "model":
+            state.update({f"{part}:{k}": v for k, v in full_state(engine).items()})
+    if "ema" in states:
+        state.update({f"ema/{k}": v.clone() for k, v in states["ema"].state_dict()["tensors"].items()})
     if _rank() == 0:
         assert OUT is not None
         tmp = OUT / f".{name}.tmp"
@@ -110,6 +118,7 @@ def _dump(engine: Any, name: str) -> None:
 
 def _install() -> None:
     engines: dict[str, Any] = {}
+    states: dict[str, Any] = {}
     manager_cls = checkpoint.CheckpointManager
 
     real_register = manager_cls.register
@@ -117,6 +126,8 @@ def _install() -> None:
     def register(self: Any, name: str, part: Any, **kwargs: Any) -> None:
         if isinstance(part, checkpoint.DeepSpeedState):
             engines[name] = part.engine
+        else:
+            states[name] = part
         real_register(self, name, part, **kwargs)
 
     manager_cls.register = register
@@ -128,7 +139,7 @@ def _install() -> None:
         def save(self: Any, step: int, **kwargs: Any) -> Any:
             if step in dump_at:
                 dump_at.discard(step)
-                _dump(engines["model"], f"saved-{step}.safetensors")
+                _dump(engines, states, f"saved-{step}.safetensors")
             return real_save(self, step, **kwargs)
 
         manager_cls.save = save
@@ -138,7 +149,7 @@ def _install() -> None:
 
         def load(self: Any, path: Any) -> Any:
             resumed = real_load(self, path)
-            _dump(engines["model"], "loaded.safetensors")
+            _dump(engines, states, "loaded.safetensors")
             if _rank() == 0:
                 print(f"fault_train: loaded step {resumed.step} elastic={resumed.elastic}; state dumped", flush=True)
             raise SystemExit(0)
