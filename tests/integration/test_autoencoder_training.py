@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from tests.integration.trainer_runs import assert_same_tensors, killed, ok, reap, start_train, weights
 from vae_train.checkpoint import part_tensor_file, read_manifest, restricted_torch_load, trainer_state_files
 from vae_train.checkpoint.parts import decode_state
+from vae_train.cli import main
 from vae_train.ema import full_weights
+from vae_train.export import ExportError, load_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -132,6 +134,16 @@ def test_adaptive_weight_is_the_same_under_zero3_and_zero0_and_ema_matches_float
     assert sorted(got) == sorted(reference_ema)
     for name, value in got.items():
         torch.testing.assert_close(value.double(), reference_ema[name], rtol=0, atol=1e-6, msg=name)
+    # the commands' --weights: EMA by default, raw on request; exports hold the set they were made with
+    ckpt = _ckpt(runs[3], 3)
+    model_only = {k: v for k, v in got.items() if not k.startswith("loss_logvar.")}
+    assert_same_tensors(model_only, load_model(ckpt).state_dict(), "load_model default (EMA)")
+    raw = {k: v for k, v in weights(ckpt).items() if not k.startswith("loss_logvar.")}
+    assert_same_tensors(raw, load_model(ckpt, weights="raw").state_dict(), "load_model --weights raw")
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "export"), "--weights", "raw"]) == 0
+    assert_same_tensors(raw, load_model(tmp_path / "export").state_dict(), "export --weights raw")
+    with pytest.raises(ExportError, match="export of the raw weights"):
+        load_model(tmp_path / "export", weights="ema")
 
 
 def test_checkpoint_without_discriminator_is_refused_unless_a_fresh_one_is_asked(fashion_shards, tmp_path):
