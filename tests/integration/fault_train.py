@@ -22,6 +22,8 @@ The library knows nothing of this: every fault wraps a public seam --
                    (0-based) every rank writes its pid to ``out/NAME.rankR`` and, with ``wait``,
                    blocks until ``out/WAIT`` exists
 ``nan``            "RANK:STEP": a NaN loss on RANK in step STEP (:mod:`tests.integration.nan_train`)
+``disc_nan``       "RANK:STEP": a NaN discriminator loss on RANK in step STEP (through the trainer's
+                   ``autoencoder_step`` seam and the objective it is given)
 """
 
 from __future__ import annotations
@@ -219,6 +221,30 @@ def _install() -> None:
         from tests.integration.nan_train import _parse, inject_nan
 
         inject_nan(*_parse(FAULTS["nan"]))
+
+    if "disc_nan" in FAULTS:
+        from tests.integration.nan_train import _parse
+
+        nan_rank, nan_step = _parse(FAULTS["disc_nan"])
+        real_autoencoder_step = trainer.autoencoder_step
+
+        def autoencoder_step(engine: Any, disc: Any, objective: Any, *args: Any, **kwargs: Any) -> Any:
+            step = args[2]
+            if (engine.env.rank, step) != (nan_rank, nan_step):
+                return real_autoencoder_step(engine, disc, objective, *args, **kwargs)
+            clean = objective.discriminator_terms
+
+            def poisoned(*a: Any, **k: Any) -> Any:
+                d_loss, real, fake = clean(*a, **k)
+                return d_loss * float("nan"), real, fake
+
+            objective.discriminator_terms = poisoned
+            try:
+                return real_autoencoder_step(engine, disc, objective, *args, **kwargs)
+            finally:
+                del objective.discriminator_terms
+
+        trainer.autoencoder_step = autoencoder_step
 
 
 if __name__ == "__main__":

@@ -98,6 +98,17 @@ def test_sigkill_after_a_commit_resumes_bitwise_with_discriminator_and_ema(refer
                             f"EMA of rank {rank}")
 
 
+def test_nan_discriminator_loss_on_one_rank_skips_its_update_on_every_rank(reference, fashion_shards, tmp_path):
+    run = tmp_path / "run"
+    log = ok(start_train(fashion_shards, run, *TOKENIZER, "distributed.zero_stage=2", f"train.max_steps={STEPS}",
+                         f"loss.disc_start={DISC_START}", "checkpoint.every_steps=1", faults={"disc_nan": "1:4"}))
+    assert "step 4: discriminator update skipped on every rank: non-finite loss on 1 rank(s)" in log, log[-3000:]
+    assert_same_tensors(disc_weights(_ckpt(run, 4)), disc_weights(_ckpt(run, 5)), "discriminator across the skipped step")
+    # the autoencoder's step went on, exactly as in the run without the fault
+    assert_same_tensors(weights(_ckpt(reference / "run", 5)), weights(_ckpt(run, 5)), "autoencoder weights")
+    assert _rows(run)[5]["disc_skipped_steps"] == 1
+
+
 def test_elastic_resume_2_to_1_restores_discriminator_and_ema_exactly(reference, fashion_shards, tmp_path):
     saved = load_file(reference / "saved-4.safetensors")
     assert any(k.startswith("disc:exp_avg_sq/") for k in saved) and any(k.startswith("ema/") for k in saved)
