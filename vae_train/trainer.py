@@ -162,17 +162,19 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
     # -- data, checkpoints, resume ---------------------------------------------------
     train_stream, val_stream = _build_streams(cfg, engine)
-    step, skipped_total, skipped_in_a_row, skipped_disc = 0, 0, 0, 0
+    step, skipped_total, skipped_in_a_row, skipped_disc, disc_skipped_in_a_row = 0, 0, 0, 0, 0
 
     def restore_counters(state: dict[str, Any]) -> None:
-        nonlocal skipped_total
+        nonlocal skipped_total, skipped_disc
         skipped_total = int(state["skipped_steps"])
+        skipped_disc = int(state.get("disc_skipped_steps", 0))  # absent from checkpoints of likelihood runs
 
     checkpoints = CheckpointManager(cfg, rank, world, engine.env.local_rank)
     checkpoints.register("model", DeepSpeedState(engine.ds))
     # At another world size the stream restarts from its seed-derived start (logged by the manager).
     checkpoints.register("data", train_stream, resize=Resize.RESTART)
-    checkpoints.register("trainer", StateFunctions(lambda: {"skipped_steps": skipped_total}, restore_counters),
+    checkpoints.register("trainer", StateFunctions(lambda: {"skipped_steps": skipped_total,
+                                                            "disc_skipped_steps": skipped_disc}, restore_counters),
                          resize=Resize.REPLICATED)
     if ema is not None:  # whole weights on every rank (ZeRO 0-2) map to any world size; ZeRO-3 partitions do not
         checkpoints.register("ema", ema, resize=Resize.REFUSE if ema.partitioned else Resize.REPLICATED)
@@ -231,9 +233,17 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                             "resume from the last checkpoint"
                         )
                 disc_decision = getattr(result, "disc_decision", None)
-                if disc_decision is not None and not disc_decision.applied:
+                if disc_decision is not None and disc_decision.applied:
+                    disc_skipped_in_a_row = 0
+                elif disc_decision is not None:
                     skipped_disc += 1
+                    disc_skipped_in_a_row += 1
                     log.warning("step %d: discriminator update skipped on every rank: %s", step, disc_decision.reason)
+                    if disc_skipped_in_a_row >= cfg.train.max_consecutive_skips:
+                        raise TrainingError(
+                            f"{disc_skipped_in_a_row} discriminator updates in a row were skipped (last at step {step}: "
+                            f"{disc_decision.reason}); the discriminator is diverging. Lower loss.disc_lr, use "
+                            "distributed.precision=fp32 or bf16, or resume from the last checkpoint")
                 window.add(result)
                 step += 1
                 if ema is not None and decision.applied:
