@@ -41,6 +41,9 @@ pip_install() {
 echo "setup: installing vae-train and its pinned dependencies into .venv (first time: ~2 minutes)"
 pip_install --upgrade pip
 pip_install -e '.[test]'
+# LPIPS's linear heads ship in the lpips wheel, whose torchvision dependency breaks beside the
+# CPU torch pin (vae_train/model/perceptual.py has the VGG stack itself): install it without deps.
+pip_install --no-deps 'lpips==0.1.4'
 .venv/bin/python -c "import vae_train, torch, deepspeed" >/dev/null 2>&1 \
     || { echo "setup: the install failed; run: .venv/bin/pip install -e '.[test]'" >&2; exit 1; }
 

@@ -380,6 +380,76 @@ class EvalConfig(Section):
         return self
 
 
+class LossConfig(Section):
+    """The training objective: the model's likelihood ELBO, or the latent-diffusion autoencoder recipe.
+
+    ``pixel: none`` trains ``model.likelihood``'s negative ELBO (the likelihood VAEs).
+    ``pixel: l1 | l2`` trains an image tokenizer the way Stable Diffusion's KL-f8 was
+    trained (CompVis ``LPIPSWithDiscriminator``): per pixel ``|x - x'|`` (or squared)
+    plus ``perceptual_weight`` x LPIPS, read as an NLL with a learned scalar output
+    log-variance when ``learned_logvar`` is on, summed over pixels; plus beta(step) x KL
+    from the ``kl`` section (about 1e-6 for KL-f8); plus, from step ``disc_start``, a
+    PatchGAN's adversarial term weighted by ``disc_weight`` x the adaptive weight.
+    """
+
+    pixel: Literal["none", "l1", "l2"] = Field(
+        "none",
+        description="Reconstruction term: none = the model.likelihood ELBO; l1 / l2 = the autoencoder recipe "
+        "(needs model.likelihood=gaussian_fixed: the decoder output is the image in [-1, 1]).",
+    )
+    learned_logvar: bool = Field(
+        False, description="Read the pixel (+ perceptual) loss as an NLL with a learned scalar output log-variance."
+    )
+    logvar_init: float = Field(0.0, ge=-10.0, le=10.0, description="Initial value of the learned output log-variance.")
+    perceptual_weight: float = Field(
+        0.0, ge=0.0, description="Weight of the LPIPS (VGG) term added to the per-pixel loss (0 = off; 1.0 in KL-f8)."
+    )
+    lpips_backbone_path: str = Field(
+        "",
+        description="torchvision VGG16 weights (vgg16-397923af.pth) for LPIPS; empty = "
+        "$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth. Never downloaded.",
+    )
+    disc_weight: float = Field(0.0, ge=0.0, description="Weight of the adversarial term (0 = no discriminator; 0.5 in KL-f8).")
+    disc_start: int = Field(0, ge=0, description="Optimizer step from which the discriminator trains and the "
+                            "adversarial term is on (before it, neither).")
+    disc_loss: Literal["hinge", "vanilla"] = Field(
+        "hinge", description="Discriminator loss: hinge, or vanilla (non-saturating softplus, the original GAN loss)."
+    )
+    adaptive_weight: bool = Field(
+        True, description="Scale the adversarial term by ||grad rec|| / ||grad adv|| at the decoder's last layer "
+        "(Esser et al.); off = disc_weight alone."
+    )
+    adaptive_weight_max: float = Field(1e4, gt=0.0, description="Upper clamp of the adaptive weight.")
+    disc_layers: int = Field(3, ge=1, le=6, description="Strided conv layers of the NLayer PatchGAN discriminator.")
+    disc_channels: int = Field(64, ge=8, description="Channels of the discriminator's first layer (doubling per layer, max x8).")
+    disc_lr: float = Field(1e-4, gt=0.0, description="Discriminator learning rate (constant, no warm-up).")
+    disc_betas: tuple[float, float] = Field((0.5, 0.9), description="Discriminator Adam betas.")
+    fresh_discriminator: bool = Field(
+        False, description="Resuming from a checkpoint without a discriminator: start a fresh one instead of refusing."
+    )
+
+    @model_validator(mode="after")
+    def _check_recipe(self) -> "LossConfig":
+        if self.pixel == "none":
+            wanted = [key for key, on in (("perceptual_weight", self.perceptual_weight > 0),
+                                          ("disc_weight", self.disc_weight > 0),
+                                          ("learned_logvar", self.learned_logvar)) if on]
+            if wanted:
+                raise ValueError(
+                    f"loss.{', loss.'.join(wanted)} belong to the autoencoder objective, but loss.pixel=none trains "
+                    "the likelihood ELBO (an adversarial or perceptual term has no place in a likelihood); "
+                    "set loss.pixel=l1 or l2, or remove them")
+        return self
+
+
+class EMAConfig(Section):
+    """Exponential moving average of the autoencoder's weights (fp32, partitioned like the weights)."""
+
+    decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA decay per update (0 = no EMA; 0.999-0.9999 typical).")
+    start_step: int = Field(0, ge=0, description="Step from which the EMA is updated (it copies the weights at that step).")
+    every_steps: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+
+
 REMOVED_KEYS = {
     "data.samples_per_epoch": "nothing read it (the training stream is infinite; train.max_steps ends a run)",
 }
@@ -418,6 +488,8 @@ class Config(Section):
     s3: S3Config = Field(default_factory=S3Config, description="S3 client.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Training objective (likelihood ELBO or tokenizer recipe).")
+    ema: EMAConfig = Field(default_factory=EMAConfig, description="EMA of the weights.")
 
     @model_validator(mode="before")
     @classmethod
@@ -454,6 +526,22 @@ class Config(Section):
                 f"data.binarize={self.data.binarize} turns pixels into 0/1, which only the bernoulli likelihood "
                 f"models; with model.likelihood={self.model.likelihood} set data.binarize=none (or auto)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> "Config":
+        """The autoencoder objective reads the decoder output as the image in [-1, 1]."""
+        if self.loss.pixel != "none" and self.model.likelihood != "gaussian_fixed":
+            raise ValueError(
+                f"loss.pixel={self.loss.pixel} reads the decoder output as the image in [-1, 1], which is "
+                f"model.likelihood=gaussian_fixed; model.likelihood={self.model.likelihood} cannot be used with it")
+        if self.loss.pixel != "none" and self.model.size_mode == "crop":
+            raise ValueError(f"loss.pixel={self.loss.pixel} compares whole images: model.size_mode=crop would score "
+                             "a centre crop only; use model.size_mode=pad or an image_size the model divides")
+        if self.loss.disc_weight > 0 and self.loss.disc_start >= self.train.max_steps:
+            raise ValueError(
+                f"loss.disc_start={self.loss.disc_start} is not before train.max_steps={self.train.max_steps}: the "
+                "discriminator would never train; lower disc_start or set loss.disc_weight=0")
         return self
 
     def to_yaml(self) -> str:

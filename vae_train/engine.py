@@ -595,3 +595,32 @@ def setup_engine(cfg: Config, model: torch.nn.Module, environ: dict[str, str] | 
     optimizer.step_gate = gate  # type: ignore[attr-defined]
     return Engine(ds_engine, optimizer, gate, env, device, job.backend, job.plan, cfg.distributed.precision,
                   lambda step: base_lr * multiplier(step))
+
+
+DISC_MAX_ZERO_STAGE = 2
+"""The discriminator's engine runs ZeRO ``min(distributed.zero_stage, 2)`` (docs/DESIGN.md, "The
+autoencoder objective"): its optimizer state and gradients are partitioned, its parameters
+(a few million) stay whole on every rank, so the decoder's pass through it needs no gather."""
+
+
+def setup_discriminator_engine(cfg: Config, disc: torch.nn.Module, vae: Engine) -> Engine:
+    """A second DeepSpeed engine for the PatchGAN: its own optimizer (Adam, ``loss.disc_lr``,
+    ``loss.disc_betas``, constant LR), its own step gate (non-finite skips on every rank
+    together, no clipping) and, in fp16, its own loss scale. Same batch plan and precision
+    as the autoencoder's ``vae`` engine, whose process group it shares. The generated DeepSpeed
+    config only: ``distributed.deepspeed_config`` (offload, buckets) tunes the autoencoder's engine.
+    """
+    deepspeed = _import_deepspeed(vae.device)
+    dist_cfg = cfg.distributed.model_copy(update={"zero_stage": min(cfg.distributed.zero_stage, DISC_MAX_ZERO_STAGE)})
+    ds_config = build_deepspeed_config(dist_cfg, vae.plan)
+    disc = disc.to(vae.device)
+    numel = sum(p.numel() for p in disc.parameters())
+    opt_cfg = OptimizerConfig(name="adam", lr=cfg.loss.disc_lr, betas=cfg.loss.disc_betas, schedule="constant",
+                              warmup_steps=0)
+    optimizer = build_optimizer(list(disc.parameters()), opt_cfg)
+    gate = StepGate(0.0, 0.0, vae.device, numel)
+    ds_engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    optimizer.step_gate = gate  # type: ignore[attr-defined]
+    lr = cfg.loss.disc_lr
+    return Engine(ds_engine, optimizer, gate, vae.env, vae.device, vae.backend, vae.plan, cfg.distributed.precision,
+                  lambda step: lr)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from vae_train.checkpoint.manifest import (
     MANIFEST,
     MODEL_STATES,
+    part_tensor_file,
     read_manifest,
     split_checkpoint_uri,
     step_name,
@@ -50,24 +51,58 @@ EXPORT_FORMAT = "vae-train-model/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DTYPES = ("fp32", "bf16")
+WEIGHT_CHOICES = ("auto", "ema", "raw")
+"""Which weights of a checkpoint: ``ema`` (the EMA, when the run kept one), ``raw`` (the trained
+weights), ``auto`` = ``ema`` when present, else ``raw`` (the default of every command)."""
+TRAINING_ONLY = ("loss_logvar.",)
+"""Parameter-name prefixes that exist only for training (the learned output log-variance of the
+autoencoder objective): dropped from exports and loaded models."""
 
 
 class ExportError(VaeTrainError):
     """A model export or load that cannot proceed (wrong path, format, or dtype)."""
 
 
-def consolidated_state_dict(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def ema_state_dict(ckpt_dir: Path, world_size: int) -> dict[str, torch.Tensor]:
+    """The whole fp32 EMA weights of a checkpoint's ``ema`` part (ZeRO-3 partitions reassembled)."""
+    from safetensors.torch import load_file
+
+    from vae_train.checkpoint.parts import decode_state
+    from vae_train.ema import full_weights
+
+    states = []
+    for rank in range(world_size):
+        skeleton = json.loads((ckpt_dir / trainer_state_files(rank)[0]).read_text())["parts"]["ema"]
+        states.append(decode_state(skeleton, load_file(str(ckpt_dir / part_tensor_file("ema", rank)))))
+        if not states[0]["partitioned"]:
+            break  # replicated: rank 0 holds the whole EMA
+    if not states[0]["initialized"]:
+        raise ExportError(f"{ckpt_dir}: the EMA has not started yet (before ema.start_step); use --weights raw")
+    return full_weights(states)
+
+
+def consolidated_state_dict(ckpt_dir: str | Path, weights: str = "raw") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Full fp32 weights of a local checkpoint (all ZeRO partitions merged) and its resolved config.
 
+    ``weights``: ``raw`` (the trained weights, with every parameter the engine holds), or
+    ``ema`` / ``auto`` (see :data:`WEIGHT_CHOICES`; those drop training-only parameters).
     The checkpoint is verified against its manifest first (sizes and SHA-256). Needs DeepSpeed.
     """
     import torch
 
     from vae_train.checkpoint.safe_load import restricted_torch_load
 
+    if weights not in WEIGHT_CHOICES:
+        raise ExportError(f"weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}")
     ckpt_dir = Path(ckpt_dir)
     manifest = verified_manifest(ckpt_dir)
     state = json.loads((ckpt_dir / trainer_state_files(0)[0]).read_text())
+    has_ema = "ema" in manifest.parts
+    if weights == "ema" and not has_ema:
+        raise ExportError(f"{ckpt_dir} holds no EMA weights (the run had ema.decay=0); use --weights raw")
+    if has_ema and weights != "raw":
+        ema = ema_state_dict(ckpt_dir, manifest.world_size)
+        return {k: v for k, v in ema.items() if not k.startswith(TRAINING_ONLY)}, state.get("config", {})
     with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):
         if manifest.zero_stage > 0:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -79,27 +114,31 @@ def consolidated_state_dict(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tenso
     return weights, state.get("config", {})
 
 
-def export_checkpoint(src: str, out_dir: str | Path, dtype: str = "fp32", s3_cfg: S3Config | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` for checkpoint ``src`` (local dir or ``s3://.../step-N``)."""
+def export_checkpoint(src: str, out_dir: str | Path, dtype: str = "fp32", s3_cfg: S3Config | None = None,
+                      weights: str = "auto") -> Path:
+    """Write ``model.safetensors`` + ``config.json`` for checkpoint ``src`` (local dir or ``s3://.../step-N``);
+    ``weights`` as in :data:`WEIGHT_CHOICES` (the EMA when the run kept one, by default)."""
     import torch
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     with _local_checkpoint(src, s3_cfg) as ckpt_dir:
-        weights, config = consolidated_state_dict(ckpt_dir)
-        step = read_manifest(ckpt_dir).step  # verified just above
+        manifest = verified_manifest(ckpt_dir)
+        kind = "ema" if weights == "ema" or (weights == "auto" and "ema" in manifest.parts) else "raw"
+        tensors, config = consolidated_state_dict(ckpt_dir, kind)
+        step = manifest.step
     if "model" not in config:
         raise ExportError(f"{src} holds no model config ({trainer_state_files(0)[0]} lacks 'config')")
     target = torch.float32 if dtype == "fp32" else torch.bfloat16
-    weights = {k: v.to(target).contiguous() for k, v in weights.items()}
+    tensors = {k: v.to(target).contiguous() for k, v in tensors.items() if not k.startswith(TRAINING_ONLY)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
     from vae_train import __version__
 
     meta = {"format": EXPORT_FORMAT, "model": config["model"], "dtype": dtype, "step": step,
-            "library_version": __version__}
+            "library_version": __version__, "weights": kind}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return out
 
@@ -118,12 +157,15 @@ def _local_checkpoint(src: str, s3_cfg: S3Config | None):
         yield download_checkpoint(open_store(parent, s3_cfg), step, Path(tmp) / step_name(step))
 
 
-def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location: str = "cpu") -> VAE:
+def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location: str = "cpu",
+               weights: str = "auto") -> VAE:
     """Build the model of an export (or a checkpoint) in eval mode (``model.arch`` picks the class).
 
     ``src``: an exported directory (``config.json`` + ``model.safetensors``), a
     training checkpoint directory (consolidated on the fly; needs DeepSpeed), or
-    the ``s3://`` URI of either.
+    the ``s3://`` URI of either. ``weights`` (:data:`WEIGHT_CHOICES`): a checkpoint's EMA or
+    raw weights (EMA when present by default); an export holds the one set it was made
+    with, and asking for the other is an error.
     """
     from safetensors.torch import load_file
 
@@ -131,21 +173,28 @@ def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location:
     from vae_train.model import build_model
 
     src = str(src)
+    if weights not in WEIGHT_CHOICES:
+        raise ExportError(f"weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}")
     if src.startswith("s3://"):
-        return _load_remote(src, s3_cfg, map_location)
+        return _load_remote(src, s3_cfg, map_location, weights)
     path = Path(src)
     if (path / CONFIG_FILE).is_file():
         meta = _read_export_config(path)
-        weights = load_file(str(path / WEIGHTS_FILE), device=map_location)
+        held = meta.get("weights", "raw")
+        if weights != "auto" and weights != held:
+            raise ExportError(f"{src} is an export of the {held} weights; --weights {weights} needs the checkpoint "
+                              "it was exported from")
+        tensors = load_file(str(path / WEIGHTS_FILE), device=map_location)
         model_cfg = meta["model"]
     elif (path / MANIFEST).is_file():
-        weights, config = consolidated_state_dict(path)
+        tensors, config = consolidated_state_dict(path, weights)
         model_cfg = config.get("model", {})
     else:
         raise ExportError(f"{src} is neither an exported model ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a checkpoint "
                           f"({MANIFEST}); export one with `vae-train export CHECKPOINT --out DIR`")
     model = build_model(ModelConfig.model_validate(model_cfg))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_ONLY)}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ExportError(f"{src} does not match its model config: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
@@ -164,7 +213,7 @@ def _read_export_config(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_remote(src: str, s3_cfg: S3Config | None, map_location: str) -> VAE:
+def _load_remote(src: str, s3_cfg: S3Config | None, map_location: str, weights: str) -> VAE:
     from vae_train.storage import open_store
 
     store = open_store(src, s3_cfg)
@@ -172,9 +221,9 @@ def _load_remote(src: str, s3_cfg: S3Config | None, map_location: str) -> VAE:
         with tempfile.TemporaryDirectory(prefix="vae-train-model-") as tmp:
             for name in (CONFIG_FILE, WEIGHTS_FILE):
                 store.get_file(name, Path(tmp) / name)
-            return load_model(tmp, map_location=map_location)
+            return load_model(tmp, map_location=map_location, weights=weights)
     with _local_checkpoint(src, s3_cfg) as ckpt_dir:
-        return load_model(ckpt_dir, map_location=map_location)
+        return load_model(ckpt_dir, map_location=map_location, weights=weights)
 
 
 def initialize_from(model: VAE, src: str, s3_cfg: S3Config | None = None) -> None:

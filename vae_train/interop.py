@@ -367,7 +367,7 @@ def diffusers_config(cfg: ModelConfig, stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_autoencoder(src: str, out: str | Path, fmt: str, *, latent_stats: str | None = None,
-                       s3_cfg: S3Config | None = None) -> tuple[Path, str]:
+                       s3_cfg: S3Config | None = None, weights: str = "auto") -> tuple[Path, str]:
     """Write ``src`` (checkpoint or export, local or s3://) as a diffusers folder or an LDM single file.
 
     ``fmt``: ``diffusers`` (``out`` = a folder ``AutoencoderKL.from_pretrained`` loads) or ``ldm``
@@ -379,7 +379,7 @@ def export_autoencoder(src: str, out: str | Path, fmt: str, *, latent_stats: str
     from vae_train.model.ldm_keys import diffusers_to_ldm
     from vae_train.storage import write_atomic
 
-    model = load_model(src, s3_cfg=s3_cfg)
+    model = load_model(src, s3_cfg=s3_cfg, weights=weights)
     cfg = model.config
     check_exportable(cfg)
     stats, origin, measured = _resolve_stats(src, latent_stats, cfg.latent_channels)

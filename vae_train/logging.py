@@ -78,6 +78,19 @@ def pairs_grid(inputs: torch.Tensor, recons: torch.Tensor, value_range: tuple[fl
     return image_grid(both, value_range, ncol=2 * pairs_per_row)
 
 
+DIFF_GAIN = 4.0
+"""How much :func:`diff_grid` amplifies reconstruction errors (so small errors are visible)."""
+
+
+def diff_grid(inputs: torch.Tensor, recons: torch.Tensor, value_range: tuple[float, float], rows: int = 8) -> np.ndarray:
+    """One row per image: input | reconstruction | ``DIFF_GAIN`` x the absolute difference (black = exact)."""
+    n = min(len(inputs), len(recons), rows)
+    lo, hi = value_range
+    x, r = inputs[:n].float().cpu(), recons[:n].float().cpu()
+    diff = (lo + DIFF_GAIN * (x - r).abs()).clamp(lo, hi)
+    return image_grid(torch.stack([x, r, diff], dim=1).flatten(0, 1), value_range, ncol=3)
+
+
 def save_png(grid: np.ndarray, path: str | Path) -> Path:
     """Write an RGB ``uint8`` grid as PNG (creating the directory)."""
     from PIL import Image

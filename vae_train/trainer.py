@@ -50,20 +50,26 @@ from typing import Any
 
 import torch
 
-from vae_train.checkpoint import CheckpointManager, DeepSpeedState, Resize, StateFunctions
+from vae_train.autoencoder_step import TERMS, AutoencoderStepResult, autoencoder_step
+from vae_train.checkpoint import CheckpointManager, DeepSpeedState, Resize, StateFunctions, read_manifest
 from vae_train.config import Config
 from vae_train.distributed import all_reduce_sum, any_rank
-from vae_train.engine import Engine, StepDecision, setup_engine
+from vae_train.ema import EMA
+from vae_train.engine import Engine, StepDecision, setup_discriminator_engine, setup_engine
+from vae_train.losses import AutoencoderObjective, LastLayerTap, attach_output_logvar
 from vae_train.errors import VaeTrainError
-from vae_train.logging import RunLogger, log, pairs_grid, image_grid, save_png, setup_console
+from vae_train.logging import RunLogger, diff_grid, log, pairs_grid, image_grid, save_png, setup_console
 from vae_train.export import initialize_from
 from vae_train.model import LossTerms, VAEOutput, bits_per_dim, build_model, freeze, likelihood_value_range, vae_loss
+from vae_train.model.discriminator import PatchDiscriminator
 from vae_train.recon_metrics import Extractors, ReconstructionMetrics, build_extractors
 from vae_train.wandb_tracker import check_available
 from vae_train.preemption import PreemptionHandler, requeue_if_slurm
 from vae_train.schedules import build_beta_schedule
 
 GRID_IMAGES = 16
+ELBO_TERMS = ("loss", "recon", "kl")
+"""Names of :attr:`StepResult.sums` (the autoencoder objective's are ``autoencoder_step.TERMS``)."""
 
 
 class TrainingError(VaeTrainError):
@@ -90,7 +96,7 @@ class StepResult:
 
     decision: StepDecision  # applied or skipped (and why), with the global gradient norm
     micro_batches: int
-    sums: torch.Tensor  # float64 [3] on the device: loss, recon, kl summed over the micro-batches
+    sums: torch.Tensor  # float64 [len(ELBO_TERMS)] on the device: loss, recon, kl summed over the micro-batches
     kl_per_channel: torch.Tensor  # float32 [latent_channels] on the device: micro-batch means, summed
     first_input: torch.Tensor  # the step's first micro-batch as the model got it (for image grids)
 
@@ -140,12 +146,23 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
     model = build_model(cfg.model)
     if cfg.model.init_from:  # read at every start; a resumed run's checkpoint then replaces these weights
         initialize_from(model, cfg.model.init_from, cfg.s3)
+    tokenizer = cfg.loss.pixel != "none"  # the latent-diffusion autoencoder objective
+    if cfg.loss.learned_logvar:  # part of the decoder for train.trainable
+        attach_output_logvar(model, cfg.loss.logvar_init)
     frozen = freeze(model, cfg.train.trainable)  # the engine hands only trainable parameters to DeepSpeed
+    critic = (PatchDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+              if cfg.loss.disc_weight > 0 else None)
+    lpips = _build_lpips(cfg) if cfg.loss.perceptual_weight > 0 else None  # missing weights: stop here, every rank
     num_parameters = model.num_parameters()  # trainable ones, before ZeRO-3 partitions them
     # The trainer part also records what was frozen (train.trainable), in the checkpoint and run_info.json.
     trained = {"trainable": cfg.train.trainable, "frozen_parameters": len(frozen),
                "frozen_numel": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
     engine = setup_engine(cfg, model)
+    disc = setup_discriminator_engine(cfg, critic, engine) if critic is not None else None
+    objective = AutoencoderObjective(cfg.loss, lpips.to(engine.device) if lpips is not None else None) if tokenizer else None
+    tap = LastLayerTap(engine.module.last_decoder_layer()) if disc is not None and cfg.loss.adaptive_weight else None
+    ema = (EMA(engine.module, cfg.ema.decay, cfg.ema.start_step, cfg.ema.every_steps,
+               partitioned=engine.ds.zero_optimization_stage() == 3) if cfg.ema.decay > 0 else None)
     rank, world = engine.env.rank, engine.env.world_size
     setup_console(rank)
     for note in notes:
@@ -154,26 +171,38 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
     # the validation metrics' networks and the tracker: missing weights or packages stop here, on every rank
     check_available(cfg.logging.wandb)
-    extractors = build_extractors(cfg.eval.metrics, inception_weights=cfg.eval.inception_weights,
-                                  lpips_backbone_path=cfg.eval.lpips_backbone_path, device=engine.device)
+    extractors = _validation_extractors(cfg, lpips, engine.device)
 
     # -- data, checkpoints, resume ---------------------------------------------------
     train_stream, val_stream = _build_streams(cfg, engine)
-    step, skipped_total, skipped_in_a_row = 0, 0, 0
+    step, skipped_total, skipped_in_a_row, skipped_disc, disc_skipped_in_a_row = 0, 0, 0, 0, 0
 
     def restore_counters(state: dict[str, Any]) -> None:
-        nonlocal skipped_total
+        nonlocal skipped_total, skipped_disc
         skipped_total = int(state["skipped_steps"])
+        skipped_disc = int(state.get("disc_skipped_steps", 0))  # absent from checkpoints of likelihood runs
 
     checkpoints = CheckpointManager(cfg, rank, world, engine.env.local_rank)
     checkpoints.register("model", DeepSpeedState(engine.ds))
     # At another world size the stream restarts from its seed-derived start (logged by the manager).
     checkpoints.register("data", train_stream, resize=Resize.RESTART)
-    checkpoints.register("trainer", StateFunctions(lambda: {"skipped_steps": skipped_total, **trained}, restore_counters),
+    checkpoints.register("trainer", StateFunctions(lambda: {"skipped_steps": skipped_total,
+                                                            "disc_skipped_steps": skipped_disc, **trained},
+                                                   restore_counters),
                          resize=Resize.REPLICATED)
+    if ema is not None:  # whole weights on every rank (ZeRO 0-2) map to any world size; ZeRO-3 partitions do not
+        checkpoints.register("ema", ema, resize=Resize.REFUSE if ema.partitioned else Resize.REPLICATED)
     resume_path = checkpoints.resolve_resume()
+    fresh_disc = (disc is not None and resume_path is not None and cfg.loss.fresh_discriminator
+                  and "disc" not in read_manifest(Path(resume_path)).parts)  # type: ignore[union-attr]
+    if disc is not None and not fresh_disc:
+        checkpoints.register("disc", DeepSpeedState(disc.ds))  # a checkpoint without it is refused by name
     if resume_path:
         step = checkpoints.load(resume_path).step
+    if fresh_disc:
+        checkpoints.register("disc", DeepSpeedState(disc.ds))  # type: ignore[union-attr]
+        log.warning("loss.fresh_discriminator=true: %s has no discriminator; a fresh one starts at step %d",
+                    resume_path, step)
     _write_run_info(cfg, engine, num_parameters, resumed_from=resume_path, trained=trained)
 
     logger = RunLogger(cfg.run_dir, cfg.logging, max_steps=cfg.train.max_steps, start_step=step, is_main=rank == 0,
@@ -192,8 +221,13 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
         with PreemptionHandler() as preempt:
             while step < cfg.train.max_steps:
                 beta = beta_at(step)
-                loss_fn = functools.partial(vae_loss, beta=beta, free_bits=cfg.kl.free_bits)
-                result = train_step(engine, batches, step, loss_fn, check_range=probe is None)
+                result: StepResult | AutoencoderStepResult
+                if objective is not None:
+                    result = autoencoder_step(engine, disc, objective, tap, batches, step, beta,
+                                              check_range=probe is None)
+                else:
+                    loss_fn = functools.partial(vae_loss, beta=beta, free_bits=cfg.kl.free_bits)
+                    result = train_step(engine, batches, step, loss_fn, check_range=probe is None)
                 if probe is None:
                     probe = result.first_input[:GRID_IMAGES].clone()
                 decision = result.decision
@@ -213,12 +247,26 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                             "optimizer.warmup_steps, use distributed.precision=fp32, or check the data; "
                             "resume from the last checkpoint"
                         )
+                disc_decision = getattr(result, "disc_decision", None)
+                if disc_decision is not None and disc_decision.applied:
+                    disc_skipped_in_a_row = 0
+                elif disc_decision is not None:
+                    skipped_disc += 1
+                    disc_skipped_in_a_row += 1
+                    log.warning("step %d: discriminator update skipped on every rank: %s", step, disc_decision.reason)
+                    if disc_skipped_in_a_row >= cfg.train.max_consecutive_skips:
+                        raise TrainingError(
+                            f"{disc_skipped_in_a_row} discriminator updates in a row were skipped (last at step {step}: "
+                            f"{disc_decision.reason}); the discriminator is diverging. Lower loss.disc_lr, use "
+                            "distributed.precision=fp32 or bf16, or resume from the last checkpoint")
                 window.add(result)
                 step += 1
+                if ema is not None and decision.applied:
+                    ema.update(step)
 
                 # log (scalars are averaged over the logging window and over ranks)
                 if step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps:
-                    row = window.reduce()
+                    row = window.reduce(TERMS if objective is not None else ELBO_TERMS)
                     last_loss = row["loss"]
                     data_stats = train_stream.stats()
                     row.update(
@@ -228,8 +276,11 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                         lr=engine.lr_at(step - 1),
                         skipped_steps=float(skipped_total),
                         images_per_s=row.pop("steps") * engine.plan.global_batch_size / max(row.pop("seconds"), 1e-9),
-                        bits_per_dim=bits_per_dim(row["recon"] + row["kl"], num_dims),
                     )
+                    if objective is None:
+                        row["bits_per_dim"] = bits_per_dim(row["recon"] + row["kl"], num_dims)
+                    if disc is not None:
+                        row["disc_skipped_steps"] = float(skipped_disc)
                     kl_channels = row.pop("kl_per_channel")
                     logger.scalars(step, row)
                     if _due(step, cfg.logging.histogram_every):
@@ -237,9 +288,9 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
                     logger.progress(step, last_loss)
                     window = _Window()
                 if _due(step, cfg.logging.image_every) and probe is not None:
-                    logger.images(step, _image_grids(engine, probe, value_range, cfg.seed))
+                    logger.images(step, _image_grids(engine, probe, value_range, cfg.seed, ema))
                 if val_stream is not None and _due(step, cfg.train.val_every) and step < cfg.train.max_steps:
-                    for prefix, metrics in validate(engine, val_stream, cfg, extractors).items():
+                    for prefix, metrics in validate(engine, val_stream, cfg, extractors, ema).items():
                         logger.scalars(step, metrics, prefix=prefix)
 
                 # checkpoint, and stop cleanly when SLURM/the cluster asks for the machine back
@@ -257,15 +308,17 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
         if not preempted:
             if val_stream is not None:
-                for prefix, metrics in validate(engine, val_stream, cfg, extractors).items():
+                for prefix, metrics in validate(engine, val_stream, cfg, extractors, ema).items():
                     logger.scalars(step, metrics, prefix=prefix)
             if probe is not None:
-                _final_grids(engine, logger, probe, value_range, cfg, step)
+                _final_grids(engine, logger, probe, value_range, cfg, step, ema)
             if _checkpointing_enabled(cfg):
                 checkpoints.save(step, final=True)
                 checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
             logger.info(f"done: {step} steps, {skipped_total} skipped; samples and reconstructions in {cfg.run_dir}")
     finally:
+        if tap is not None:
+            tap.close()
         train_stream.close()
         logger.close()
         checkpoints.close()
@@ -319,7 +372,7 @@ class _Window:
         self.kl_channels: torch.Tensor | None = None
         self.grad_norm = 0.0
 
-    def add(self, result: StepResult) -> None:
+    def add(self, result: StepResult | AutoencoderStepResult) -> None:
         self.micro += result.micro_batches
         self.steps += 1
         self.sums = result.sums if self.sums is None else self.sums + result.sums
@@ -327,22 +380,18 @@ class _Window:
         self.kl_channels = channels if self.kl_channels is None else self.kl_channels + channels
         self.grad_norm = result.decision.grad_norm
 
-    def reduce(self) -> dict[str, Any]:
-        """Window means over ranks (one all-reduce); timing is rank 0's own."""
-        sums = self.sums.tolist() if self.sums is not None else [0.0, 0.0, 0.0]  # the window's host sync
+    def reduce(self, names: Sequence[str]) -> dict[str, Any]:
+        """Window means over ranks (one all-reduce) of the terms ``names``; timing is rank 0's own."""
+        n = len(names)
+        sums = self.sums.tolist() if self.sums is not None else [0.0] * n  # the window's host sync
         channels = self.kl_channels.tolist() if self.kl_channels is not None else [0.0]
         totals = all_reduce_sum(torch.tensor([*sums, float(self.micro), *channels], dtype=torch.float64)).tolist()
-        count = max(totals[3], 1.0)
+        count = max(totals[n], 1.0)
         seconds = time.perf_counter() - self.start
-        return {
-            "loss": totals[0] / count,
-            "recon": totals[1] / count,
-            "kl": totals[2] / count,
-            "grad_norm": self.grad_norm,
-            "steps": self.steps,
-            "seconds": seconds,
-            "kl_per_channel": torch.tensor(totals[4:]) / count,
-        }
+        row: dict[str, Any] = {name: totals[i] / count for i, name in enumerate(names)}
+        row.update(grad_norm=self.grad_norm, steps=self.steps, seconds=seconds,
+                   kl_per_channel=torch.tensor(totals[n + 1:]) / count)
+        return row
 
 
 @contextlib.contextmanager
@@ -371,49 +420,92 @@ def _evaluating(engine: Engine) -> Iterator[torch.nn.Module]:
         module.train(was_training)
 
 
-def validate(engine: Engine, val_stream: Any, cfg: Config, extractors: Extractors) -> dict[str, dict[str, float]]:
+def validate(engine: Engine, val_stream: Any, cfg: Config, extractors: Extractors,
+             ema: EMA | None = None) -> dict[str, dict[str, float]]:
     """Validation metrics over the whole split (or ``train.val_batches`` per rank), same on every rank,
-    by TensorBoard prefix: ``{"val": metrics of the training weights}``.
+    by TensorBoard prefix: ``{"val": the training weights, "val_ema": the EMA weights}`` (the latter once
+    the run keeps an EMA that has started).
 
     :func:`vae_train.evaluate.evaluate_stream` does the work (ELBO and bits/dim,
     optional IW-NLL, active units, and the reconstruction metrics of ``eval.metrics``
     with the networks in ``extractors``), so training validation and ``vae-train
     eval`` report identical numbers; its noise comes from its own generator, leaving
-    the training RNG streams untouched. A run that keeps EMA weights adds a
-    ``"val_ema"`` entry: the same :func:`_validate_module` call with the EMA weights
-    swapped in.
+    the training RNG streams untouched. The ``"val_ema"`` entry is the same
+    :func:`_validate_module` call with the EMA weights swapped in.
     """
+    metrics = _validation_metrics(cfg)
     with _evaluating(engine) as module:
-        return {"val": _validate_module(module, val_stream, cfg, extractors)}
+        results = {"val": _validate_module(module, val_stream, cfg, extractors, metrics)}
+    if ema is not None and ema.initialized:
+        with ema.swapped(), _evaluating(engine) as module:
+            results["val_ema"] = _validate_module(module, val_stream, cfg, extractors, metrics)
+    return results
 
 
-def _validate_module(module: torch.nn.Module, val_stream: Any, cfg: Config, extractors: Extractors) -> dict[str, float]:
+def _validation_metrics(cfg: Config) -> tuple[str, ...]:
+    """``eval.metrics``, plus ``lpips`` when the objective has a perceptual term (its network is loaded anyway)."""
+    metrics = tuple(cfg.eval.metrics)
+    return metrics + ("lpips",) if cfg.loss.perceptual_weight > 0 and "lpips" not in metrics else metrics
+
+
+def _validation_extractors(cfg: Config, lpips: torch.nn.Module | None, device: torch.device) -> Extractors:
+    """The validation metrics' networks; the objective's LPIPS network is reused rather than loaded twice."""
+    metrics = _validation_metrics(cfg)
+    reuse = lpips is not None and not cfg.eval.lpips_backbone_path
+    extractors = build_extractors([m for m in metrics if not (reuse and m == "lpips")],
+                                  inception_weights=cfg.eval.inception_weights,
+                                  lpips_backbone_path=cfg.eval.lpips_backbone_path, device=device)
+    if reuse:
+        extractors.lpips = lpips
+    return extractors
+
+
+def _validate_module(module: torch.nn.Module, val_stream: Any, cfg: Config, extractors: Extractors,
+                     metrics: Sequence[str]) -> dict[str, float]:
     """One evaluation of ``module`` (already in eval mode with whole parameters) on the validation split."""
     from vae_train.evaluate import evaluate_stream
 
     metrics = evaluate_stream(module, val_stream, cfg.eval.iw_samples, max_batches=cfg.train.val_batches,
                               active_threshold=cfg.logging.active_unit_threshold, seed=cfg.seed,
-                              recon_metrics=ReconstructionMetrics(cfg.eval.metrics, extractors))
+                              recon_metrics=ReconstructionMetrics(metrics, extractors))
     return {key: float(value) for key, value in metrics.items()}
 
 
-def _image_grids(engine: Engine, probe: torch.Tensor, value_range: tuple[float, float], seed: int) -> dict[str, Any]:
-    """Inputs beside reconstructions, and prior samples (a fixed generator: comparable over steps)."""
+def _build_lpips(cfg: Config) -> torch.nn.Module:
+    """LPIPS for ``loss.perceptual_weight`` (missing weights: an error naming where it looked)."""
+    from vae_train.model.perceptual import build_lpips
+
+    lpips = build_lpips(cfg.loss.lpips_backbone_path or None)
+    if not lpips.imagenet_backbone:
+        log.warning("LPIPS backbone %s is not torchvision's ImageNet VGG16: the perceptual term and the logged "
+                    "lpips values use a non-ImageNet (e.g. random) network and are NOT comparable with published "
+                    "LPIPS", lpips.source)
+    return lpips
+
+
+def _image_grids(engine: Engine, probe: torch.Tensor, value_range: tuple[float, float], seed: int,
+                 ema: EMA | None = None) -> dict[str, Any]:
+    """Inputs beside reconstructions, input | reconstruction | amplified difference, and prior samples
+    (a fixed generator: comparable over steps); the EMA weights when there are some."""
     generator = torch.Generator(device=engine.device).manual_seed(seed)
-    with _evaluating(engine) as module:
+    swap = ema.swapped() if ema is not None else contextlib.nullcontext()
+    with swap, _evaluating(engine) as module:
         recon = module.reconstruct(probe)
         samples = module.sample(GRID_IMAGES * 2, generator=generator)
-    return {"reconstructions": pairs_grid(probe, recon, value_range), "samples": image_grid(samples, value_range)}
+    return {"reconstructions": pairs_grid(probe, recon, value_range),
+            "input_recon_diff": diff_grid(probe, recon, value_range),
+            "samples": image_grid(samples, value_range)}
 
 
 def _final_grids(engine: Engine, logger: RunLogger, probe: torch.Tensor, value_range: tuple[float, float],
-                 cfg: Config, step: int) -> None:
+                 cfg: Config, step: int, ema: EMA | None = None) -> None:
     """The end-of-run grids in TensorBoard and as PNGs users can open directly."""
-    grids = _image_grids(engine, probe, value_range, cfg.seed)
+    grids = _image_grids(engine, probe, value_range, cfg.seed, ema)
     logger.images(step, grids)
     if engine.env.rank == 0:
         save_png(grids["samples"], Path(cfg.run_dir) / "samples.png")
         save_png(grids["reconstructions"], Path(cfg.run_dir) / "reconstructions.png")
+        save_png(grids["input_recon_diff"], Path(cfg.run_dir) / "input_recon_diff.png")
 
 
 def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_from: str | None,

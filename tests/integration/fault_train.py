@@ -15,12 +15,15 @@ The library knows nothing of this: every fault wraps a public seam --
                    ``out/upload_release`` exists (``out/upload_held`` marks the wait), then its next
                    K uploads raise (the library's retry must carry them)
 ``dump_at_save``   [N, ...]: when checkpoint N is saved, first dump the whole training state to
-                   ``out/saved-N.safetensors`` (see :func:`full_state`)
+                   ``out/saved-N.safetensors`` (see :func:`full_state` and :func:`_dump`: every
+                   DeepSpeed part, e.g. the discriminator, and the EMA)
 ``dump_after_load`` true: right after a resume's load, dump to ``out/loaded.safetensors`` and exit 0
 ``pauses``         [{"step": K, "touch": NAME, "wait": NAME?}, ...]: before optimizer step K
                    (0-based) every rank writes its pid to ``out/NAME.rankR`` and, with ``wait``,
                    blocks until ``out/WAIT`` exists
 ``nan``            "RANK:STEP": a NaN loss on RANK in step STEP (:mod:`tests.integration.nan_train`)
+``disc_nan``       "RANK:STEP": a NaN discriminator loss on RANK in step STEP (through the trainer's
+                   ``autoencoder_step`` seam and the objective it is given)
 """
 
 from __future__ import annotations
@@ -96,10 +99,17 @@ def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _dump(engine: Any, name: str) -> None:
+def _dump(engines: dict[str, Any], states: dict[str, Any], name: str) -> None:
+    """``full_state`` of the model engine; other engines' under ``NAME:``; the EMA's tensors as ``ema/...``
+    (rank 0's: whole weights, replicated, under ZeRO 0-2)."""
     from safetensors.torch import save_file
 
-    state = full_state(engine)
+    state = full_state(engines["model"])
+    for part, engine in engines.items():
+        if part != "model":
+            state.update({f"{part}:{k}": v for k, v in full_state(engine).items()})
+    if "ema" in states:
+        state.update({f"ema/{k}": v.clone() for k, v in states["ema"].state_dict()["tensors"].items()})
     if _rank() == 0:
         assert OUT is not None
         tmp = OUT / f".{name}.tmp"
@@ -110,6 +120,7 @@ def _dump(engine: Any, name: str) -> None:
 
 def _install() -> None:
     engines: dict[str, Any] = {}
+    states: dict[str, Any] = {}
     manager_cls = checkpoint.CheckpointManager
 
     real_register = manager_cls.register
@@ -117,6 +128,8 @@ def _install() -> None:
     def register(self: Any, name: str, part: Any, **kwargs: Any) -> None:
         if isinstance(part, checkpoint.DeepSpeedState):
             engines[name] = part.engine
+        else:
+            states[name] = part
         real_register(self, name, part, **kwargs)
 
     manager_cls.register = register
@@ -128,7 +141,7 @@ def _install() -> None:
         def save(self: Any, step: int, **kwargs: Any) -> Any:
             if step in dump_at:
                 dump_at.discard(step)
-                _dump(engines["model"], f"saved-{step}.safetensors")
+                _dump(engines, states, f"saved-{step}.safetensors")
             return real_save(self, step, **kwargs)
 
         manager_cls.save = save
@@ -138,7 +151,7 @@ def _install() -> None:
 
         def load(self: Any, path: Any) -> Any:
             resumed = real_load(self, path)
-            _dump(engines["model"], "loaded.safetensors")
+            _dump(engines, states, "loaded.safetensors")
             if _rank() == 0:
                 print(f"fault_train: loaded step {resumed.step} elastic={resumed.elastic}; state dumped", flush=True)
             raise SystemExit(0)
@@ -208,6 +221,30 @@ def _install() -> None:
         from tests.integration.nan_train import _parse, inject_nan
 
         inject_nan(*_parse(FAULTS["nan"]))
+
+    if "disc_nan" in FAULTS:
+        from tests.integration.nan_train import _parse
+
+        nan_rank, nan_step = _parse(FAULTS["disc_nan"])
+        real_autoencoder_step = trainer.autoencoder_step
+
+        def autoencoder_step(engine: Any, disc: Any, objective: Any, *args: Any, **kwargs: Any) -> Any:
+            step = args[2]
+            if (engine.env.rank, step) != (nan_rank, nan_step):
+                return real_autoencoder_step(engine, disc, objective, *args, **kwargs)
+            clean = objective.discriminator_terms
+
+            def poisoned(*a: Any, **k: Any) -> Any:
+                d_loss, real, fake = clean(*a, **k)
+                return d_loss * float("nan"), real, fake
+
+            objective.discriminator_terms = poisoned
+            try:
+                return real_autoencoder_step(engine, disc, objective, *args, **kwargs)
+            finally:
+                del objective.discriminator_terms
+
+        trainer.autoencoder_step = autoencoder_step
 
 
 if __name__ == "__main__":

@@ -105,7 +105,15 @@ def convert_to_universal(src: Path, dest: Path) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     tmp = temp_sibling(dest)
-    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
+    # DeepSpeed's converter collects model files from the whole tree under its input folder; the
+    # model part's folder is the checkpoint's root, where other engines' parts (a discriminator)
+    # live in subfolders. It is given a folder of links to this part's own files only.
+    staging = temp_sibling(dest.parent / f"{dest.name}-input")
+    staging.mkdir(parents=True)
+    for file in src.iterdir():
+        if file.is_file():
+            (staging / file.name).symlink_to(file.resolve())
+    args = argparse.Namespace(input_folder=str(staging), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     try:
         with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):
@@ -117,6 +125,7 @@ def convert_to_universal(src: Path, dest: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def encode_state(state: Any, name: str) -> tuple[Any, dict[str, Any]]:

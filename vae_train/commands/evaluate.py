@@ -96,6 +96,8 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help_text: str, 
             default="auto",
             help="binarize pixels (auto: a fixed draw for a Bernoulli model, else none)",
         )
+    parser.add_argument("--weights", choices=("ema", "raw"), default="auto",
+                        help="a checkpoint's EMA or raw trained weights (default: EMA when the run kept one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--config", default=None, help="YAML config for the data/s3 sections (optional)")
@@ -213,7 +215,7 @@ def process_group(args: argparse.Namespace, cfg: Config, env: LaunchEnv) -> Iter
 def _load(args: argparse.Namespace, cfg: Config, device: torch.device) -> VAE:
     import vae_train
 
-    return vae_train.load_model(args.checkpoint, s3_cfg=cfg.s3, map_location=str(device))
+    return vae_train.load_model(args.checkpoint, s3_cfg=cfg.s3, map_location=str(device), weights=args.weights)
 
 
 def _stream(args: argparse.Namespace, cfg: Config, model: VAE, rank: int = 0, world_size: int = 1,

@@ -1,4 +1,4 @@
-"""``vae-train export SRC --out DIR [--format vae-train|diffusers|ldm] [--dtype fp32|bf16] [--latent-stats FILE]``.
+"""``vae-train export SRC --out DIR [--format vae-train|diffusers|ldm] [--dtype fp32|bf16] [--latent-stats FILE] [--weights ema|raw]``.
 
 ``--format vae-train`` (default): consolidated safetensors + model config JSON of a committed
 checkpoint (``.../checkpoints/step-NNNNNNNN`` or ``s3://bucket/prefix/step-NNNNNNNN``).
@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype (vae-train format)")
     parser.add_argument("--latent-stats", default="", help="latent statistics JSON (vae-train latent-stats) for the "
                         "diffusers/ldm config's scaling_factor, shift_factor, latents_mean, latents_std")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="auto",
+                        help="the EMA or the raw trained weights (default: EMA when the run kept one)")
     parser.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
     parser.set_defaults(func=run)
 
@@ -41,12 +43,12 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "vae-train":
         if args.latent_stats:
             raise InteropError("--latent-stats is for --format diffusers/ldm; the vae-train format keeps none")
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype, s3_cfg)
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype, s3_cfg, args.weights)
         print(f"exported {args.checkpoint} -> {out} ({args.dtype}); load with vae_train.load_model({str(out)!r})")
         return 0
     if args.dtype != "fp32":
         raise InteropError(f"--dtype {args.dtype} is for --format vae-train; diffusers/ldm exports are fp32")
     out, origin = export_autoencoder(args.checkpoint, args.out, args.format, latent_stats=args.latent_stats or None,
-                                     s3_cfg=s3_cfg)
+                                     s3_cfg=s3_cfg, weights=args.weights)
     print(f"exported {args.checkpoint} -> {out} ({args.format}); {origin}")
     return 0

@@ -1,10 +1,11 @@
-"""``vae-train prepare {fashion-mnist,images,arrays,index}``: write WebDataset shards + index.json.
+"""``vae-train prepare {fashion-mnist,images,arrays,skimage-photos,index}``: write WebDataset shards + index.json.
 
 Examples::
 
     vae-train prepare fashion-mnist --out data/fashion-mnist
     vae-train prepare images ~/photos --labels-from-folders --out s3://bucket/photos --workers 8
     vae-train prepare arrays faces.npz --out data/faces --samples-per-shard 2000
+    vae-train prepare skimage-photos --crop-size 64 --crops-per-photo 256 --out data/photo-crops
     # SLURM job array (slurm/prepare.sbatch): every task writes its slice, then one step merges
     vae-train prepare images SRC --out DIR --num-slices 16 --slice $SLURM_ARRAY_TASK_ID
     vae-train prepare index DIR
@@ -43,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     arrays = kinds.add_parser("arrays", help="uint8 images in a .npy (N,H,W[,C]) or .npz (images[, labels])")
     arrays.add_argument("file", help=".npy or .npz file")
     arrays.add_argument("--labels", default=None, help=".npy of integer labels (for a .npy image file)")
-    for sub in (fmnist, images, arrays):
+    photos = kinds.add_parser("skimage-photos", help="random square crops of scikit-image's real RGB photographs")
+    photos.add_argument("--crop-size", type=int, default=64, help="crop side in pixels (default 64)")
+    photos.add_argument("--crops-per-photo", type=int, default=256, help="crops of each of the 8 photos (default 256)")
+    for sub in (fmnist, images, arrays, photos):
         _common(sub)
     index = kinds.add_parser("index", help="write index.json: merge job-array slices, or scan existing shards")
     index.add_argument("out", help="directory or s3://bucket/prefix")
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.kind == "fashion-mnist":
         source = datasets.FashionMnist(args.source)
+    elif args.kind == "skimage-photos":
+        source = datasets.PhotoCrops(args.crop_size, args.crops_per_photo, args.seed)
     elif args.kind == "images":
         source = datasets.ImageFolder(args.src, labels_from_folders=args.labels_from_folders)
     else:

@@ -220,3 +220,58 @@ class ImageFolder(DatasetSource):
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
             raise SampleRejected("undecodable", f"{os.path.join(self.root, name)}: {type(exc).__name__}: {exc}") from None
         return self._key(name), _members(data, label)
+
+
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right",
+                  "hubble_deep_field", "retina")
+"""The real RGB photographs the scikit-image wheel ships (no download)."""
+
+
+class PhotoCrops(DatasetSource):
+    """Random square crops of scikit-image's real photographs (``skimage.data``): a CPU-sized RGB set.
+
+    ``crops_per_photo`` crops of ``crop_size`` pixels per photo, at positions drawn from
+    ``(seed, sample index)``: deterministic, so shards are reproducible. The
+    validation split ``prepare`` carves out holds other crops of the same photos.
+    """
+
+    kind = "skimage-photos"
+
+    def __init__(self, crop_size: int = 64, crops_per_photo: int = 256, seed: int = 0) -> None:
+        try:
+            import skimage.data  # noqa: F401
+        except ImportError:
+            raise DataError("the skimage-photos source needs scikit-image (pip install scikit-image)") from None
+        if crop_size < 8 or crops_per_photo < 1:
+            raise DataError(f"--crop-size must be >= 8 and --crops-per-photo >= 1, got {crop_size}, {crops_per_photo}")
+        self.crop_size, self.crops_per_photo, self.seed = crop_size, crops_per_photo, seed
+        self._photos: dict[str, np.ndarray] = {}
+        small = [name for name in SKIMAGE_PHOTOS if min(self._photo(name).shape[:2]) < crop_size]
+        if small:
+            raise DataError(f"--crop-size {crop_size} is larger than photo(s) {', '.join(small)}")
+        self.pools = {"train": len(SKIMAGE_PHOTOS) * crops_per_photo}
+        self.identity = {"kind": self.kind, "crop_size": crop_size, "crops_per_photo": crops_per_photo, "seed": seed}
+        self.meta = {"source": self.kind, "photos": list(SKIMAGE_PHOTOS)}
+
+    def _photo(self, name: str) -> np.ndarray:
+        if name not in self._photos:
+            import skimage.data
+
+            if name.startswith("motorcycle_"):
+                left, right, _ = skimage.data.stereo_motorcycle()
+                pixels = left if name.endswith("left") else right
+            else:
+                pixels = getattr(skimage.data, name)()
+            if pixels.ndim == 2:
+                pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+            self._photos[name] = np.ascontiguousarray(pixels[:, :, :3])
+        return self._photos[name]
+
+    def encode(self, pool: str, i: int) -> tuple[str, dict[str, bytes]]:
+        name = SKIMAGE_PHOTOS[i // self.crops_per_photo]
+        photo = self._photo(name)
+        rng = np.random.default_rng([self.seed, i])
+        top = int(rng.integers(0, photo.shape[0] - self.crop_size + 1))
+        left = int(rng.integers(0, photo.shape[1] - self.crop_size + 1))
+        crop = photo[top:top + self.crop_size, left:left + self.crop_size]
+        return f"{name}_{i:06d}", _members(encode_png(crop), None)

@@ -26,7 +26,7 @@ ARCHITECTURES: dict[str, Callable[[ModelConfig], nn.Module]] = {"convvae": ConvV
 # Parameter-name prefixes of each trainable part, for both architectures (ConvVAE has no quant convs).
 PARTS: dict[str, tuple[str, ...]] = {
     "encoder": ("encoder.", "quant_conv."),
-    "decoder": ("decoder.", "post_quant_conv."),
+    "decoder": ("decoder.", "post_quant_conv.", "loss_logvar."),  # loss_logvar: the learned output log-variance
 }
 
 

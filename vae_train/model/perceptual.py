@@ -209,3 +209,25 @@ def build_lpips(backbone_path: str | None) -> LPIPS:
         heads.append(weight.float())
     imagenet = path.name == VGG16_FILE and _sha256_prefix(path) == _VGG16_SHA256_PREFIX
     return LPIPS(features, heads, imagenet, str(path))
+
+
+def save_random_vgg16(path: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised VGG16 in torchvision's layout, for tests and CPU demos without ImageNet weights.
+
+    He-scaled conv weights keep activations O(1) through the 13 layers, so LPIPS built on
+    it is a usable (if not perceptual) image distance; :class:`LPIPS` reports
+    ``imagenet_backbone=False`` for it and runs say their LPIPS is not comparable.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state = {f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}
+    for key, value in state.items():
+        if key.endswith(".weight"):
+            fan_in = value.shape[1] * 9
+            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        else:
+            state[key] = torch.randn(value.shape, generator=gen) * 0.01
+    state["classifier.0.weight"] = torch.randn(8, 8, generator=gen)  # torchvision's file has one; the loader ignores it
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path

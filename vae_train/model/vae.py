@@ -202,6 +202,7 @@ class ConvVAE(nn.Module):
       is ``log p(x|z)`` (used by importance sampling).
     * ``model.sample(n, temperature, generator)`` and ``model.reconstruct(x)`` -- images in
       the data range (the likelihood's mean).
+    * ``model.last_decoder_layer()`` -- the decoder's output conv (the adaptive GAN weight's layer).
     * ``model.likelihood``, ``model.latent_shape`` (C, h, w), ``model.num_dims``
       (pixels x channels the likelihood scores, for bits/dim), ``model.num_parameters()``,
       ``model.config`` (the ModelConfig it was built from).
@@ -257,6 +258,10 @@ class ConvVAE(nn.Module):
     def output_hw(self) -> tuple[int, int]:
         """(height, width) of the images the model scores and produces for ``image_size`` inputs."""
         return self._geometry.output
+
+    def last_decoder_layer(self) -> nn.Conv2d:
+        """The decoder's last layer (its output conv): where the adversarial term's adaptive weight is measured."""
+        return self.decoder.conv_out
 
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
