@@ -92,7 +92,7 @@ def png_nats(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Te
 
 @torch.no_grad()
 def image_terms(
-    model: Any, x: torch.Tensor, *, iw_samples: int = 0, iw_batch_size: int = 1024,
+    model: Any, x: torch.Tensor, *, iw_samples: int = 0, iw_batch_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image terms of a batch (float64, CPU): ``nelbo``, ``recon``, ``png``, ``iw`` (when
@@ -101,7 +101,7 @@ def image_terms(
 
     out = model(x, generator=generator)
     target = model.target(x)
-    recon = -model.likelihood.log_prob(target, model.decode(out.mu))
+    recon = -model.likelihood.log_prob(target, model.decode(out.mu, target))
     terms = {
         "nelbo": out.nelbo.double().cpu(),
         "recon": recon.double().cpu(),

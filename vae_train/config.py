@@ -77,9 +77,38 @@ class ModelConfig(Section):
     reparam: Literal["fused", "reference"] = Field(
         "fused", description="Reparameterization/KL implementation: the fused C++/CUDA op or plain PyTorch."
     )
+    arch: Literal["resnet", "compact"] = Field(
+        "resnet",
+        description="Encoder/decoder family. resnet: LDM-style ResNet stages (GroupNorm) and a spatial latent "
+        "map of latent_channels x (image_size / 2^(len(channel_mult)-1))^2 units. compact: one plain convolution "
+        "per resolution (stride 2 between them) and a global latent vector of latent_channels units; a decoder "
+        "pass costs a few MFLOPs, which keeps the K decoder passes of the IWAE bound cheap.",
+    )
+    autoregressive_channels: int = Field(
+        0,
+        ge=0,
+        description="Width of the local autoregressive path (PixelCNN-style masked convolutions over the image "
+        "itself, whose output is added to the decoder's logits): each pixel then depends on z and on the pixels "
+        "above and to its left. 0 = pixels independent given z. Needs likelihood bernoulli.",
+    )
+    autoregressive_layers: int = Field(
+        3, ge=1, le=8, description="Masked convolutions of the autoregressive path (the first one excludes the pixel itself)."
+    )
+    autoregressive_kernel: int = Field(
+        5, ge=3, le=11, description="Kernel size (odd) of the first masked convolution: how far back each pixel looks."
+    )
 
     @model_validator(mode="after")
     def _check_groups(self) -> "ModelConfig":
+        if self.autoregressive_channels and self.likelihood != "bernoulli":
+            raise ValueError(
+                f"model.autoregressive_channels={self.autoregressive_channels} is implemented for the bernoulli "
+                f"likelihood only (got model.likelihood={self.likelihood}); set model.autoregressive_channels=0"
+            )
+        if self.autoregressive_kernel % 2 == 0:
+            raise ValueError(f"model.autoregressive_kernel must be odd, got {self.autoregressive_kernel}")
+        if self.arch == "compact":
+            return self  # no GroupNorm in the compact family
         for mult in self.channel_mult:
             if mult < 1:
                 raise ValueError(f"channel_mult entries must be >= 1, got {self.channel_mult}")

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = _command(subparsers, "eval", "ELBO, IW-NLL (bits/dim), active units, PSNR/SSIM on a data split", data=True)
     ev.add_argument("--iw-samples", type=int, default=None, metavar="K", help="importance samples for the IWAE NLL (K >= 1)")
-    ev.add_argument("--iw-batch-size", type=int, default=1024, help="latents decoded at once by the IWAE bound")
+    ev.add_argument("--iw-batch-size", type=int, default=None,
+                    help="latents decoded at once by the IWAE bound (default: sized from the model's decoder)")
     ev.add_argument("--max-batches", type=int, default=0, help="stop after N batches per rank (0 = whole split)")
     ev.add_argument("--out", default=None, help="also write the metrics as JSON here")
     ev.set_defaults(func=run_eval)
@@ -190,7 +191,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.iw_samples is not None:
         _check_count("--iw-samples", args.iw_samples)
-    _check_count("--iw-batch-size", args.iw_batch_size)
+    if args.iw_batch_size is not None:
+        _check_count("--iw-batch-size", args.iw_batch_size)
     cfg = _settings(args)
     env = detect_launch_env()
     out = _output_path(args.out, "the metrics") if (args.out and env.is_main) else None
@@ -343,6 +345,6 @@ def interpolation_rows(model: ConvVAE, a: torch.Tensor, b: torch.Tensor, steps: 
         mu_a, mu_b = model.encode(a)[0], model.encode(b)[0]
         t = torch.linspace(0.0, 1.0, steps, device=mu_a.device).view(1, steps, 1, 1, 1)
         path = (1 - t) * mu_a[:, None] + t * mu_b[:, None]
-        decoded = model.likelihood.mean(model.decode(path.flatten(0, 1)))
+        decoded = model.generate(path.flatten(0, 1))
         decoded = decoded.view(len(a), steps, *decoded.shape[1:])
     return torch.cat([model.target(a)[:, None].float(), decoded, model.target(b)[:, None].float()], dim=1)

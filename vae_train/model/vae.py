@@ -33,8 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae_train.config import ModelConfig
+from vae_train.model.autoregressive import LocalAutoregressive, add_context, sample_autoregressive
 from vae_train.model.blocks import Downsample, ResBlock, Upsample, group_norm
-from vae_train.model.errors import ArchitectureError, InputShapeError
+from vae_train.model.compact import CompactDecoder, CompactEncoder
+from vae_train.model.errors import ArchitectureError, InputShapeError, ModelError
 from vae_train.model.likelihoods import Likelihood, build_likelihood
 from vae_train.ops import reparam_kl
 
@@ -183,11 +185,26 @@ class ConvVAE(nn.Module):
         self.config = cfg
         self.likelihood: Likelihood = build_likelihood(cfg.likelihood, cfg.gaussian_std)
         self._geometry = _geometry(cfg)
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg, self.likelihood.params_per_channel * cfg.in_channels)
         factor = 2 ** (len(cfg.channel_mult) - 1)
         side = self._geometry.network_size // factor
-        self.latent_shape: tuple[int, int, int] = (cfg.latent_channels, side, side)
+        out_channels = self.likelihood.params_per_channel * cfg.in_channels
+        self.encoder: nn.Module
+        self.decoder: nn.Module
+        if cfg.arch == "compact":
+            self.encoder = CompactEncoder(cfg, side)
+            self.decoder = CompactDecoder(cfg, out_channels, side)
+            self.latent_shape: tuple[int, int, int] = (cfg.latent_channels, 1, 1)
+        else:
+            self.encoder = Encoder(cfg)
+            self.decoder = Decoder(cfg, out_channels)
+            self.latent_shape = (cfg.latent_channels, side, side)
+        # the local autoregressive path over the image (None: pixels independent given z)
+        self.autoregressive: LocalAutoregressive | None = None
+        if cfg.autoregressive_channels:
+            self.autoregressive = LocalAutoregressive(
+                cfg.in_channels, out_channels, cfg.autoregressive_channels, cfg.autoregressive_layers,
+                cfg.autoregressive_kernel,
+            )
         self.num_dims: int = cfg.in_channels * self._geometry.output_size**2
 
     @property
@@ -272,14 +289,56 @@ class ConvVAE(nn.Module):
         """Posterior parameters ``(mu, logvar)`` of q(z|x), each ``[B, *latent_shape]``."""
         return self.encoder(self._prepare(x)[0])
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters for latents ``z``, cropped to the image the model describes."""
+    @property
+    def is_autoregressive(self) -> bool:
+        """Whether p(x|z) depends on the image's own earlier pixels (``model.autoregressive_channels``)."""
+        return self.autoregressive is not None
+
+    def context(self, target: torch.Tensor) -> torch.Tensor | None:
+        """The autoregressive path's logit offsets for the likelihood target ``target`` (``None`` when
+        the model has none): the part of p(x|z) that does not depend on z, computed once per image."""
+        return None if self.autoregressive is None else self.autoregressive(target)
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None, *, context: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Likelihood parameters of the image ``x`` given latents ``z``, cropped to the image the model describes.
+
+        An autoregressive model needs the image it scores: pass ``x`` (the likelihood
+        target, as :meth:`target` returns it) or its precomputed :meth:`context`;
+        ``z`` may hold several latents per image, ``[m * B, ...]`` sample-major (as the
+        importance-weighted bound decodes them). A plain model ignores both. For
+        images from latents alone use :meth:`generate`.
+        """
         params = self.decoder(z)
         geo = self._geometry
         if geo.network_size > geo.output_size:  # pad mode: drop the padding again
             end = geo.offset + geo.output_size
             params = params[:, :, geo.offset : end, geo.offset : end]
-        return params
+        if self.autoregressive is None:
+            return params
+        if context is None:
+            if x is None:
+                raise ModelError(
+                    "this model's decoder is autoregressive (model.autoregressive_channels > 0): p(x|z) needs the "
+                    "image x it scores; call decode(z, x) or decode(z, context=model.context(x)), or "
+                    "model.generate(z) to draw images"
+                )
+            context = self.context(x)
+        return add_context(params, context)
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in the data range for latents ``z``: the likelihood's mean of ``decode(z)`` for a plain
+        decoder; for an autoregressive one, a pixel-by-pixel draw, shown as each pixel's probability
+        given its drawn past (``generator`` drives the draw)."""
+        if self.autoregressive is None:
+            return self.likelihood.mean(self.decode(z))
+        base = self.decoder(z)
+        geo = self._geometry
+        if geo.network_size > geo.output_size:
+            end = geo.offset + geo.output_size
+            base = base[:, :, geo.offset : end, geo.offset : end]
+        return sample_autoregressive(self.autoregressive, base, generator)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, check_range: bool = True
                 ) -> VAEOutput:
@@ -295,7 +354,7 @@ class ConvVAE(nn.Module):
         z, kl, kl_per_channel = reparam_kl(
             mu, logvar, generator=generator, return_per_channel=True, impl=self.config.reparam
         )
-        params = self.decode(z)
+        params = self.decode(z, target)
         recon_nll = -self.likelihood.log_prob(target, params)
         return VAEOutput(
             recon_nll=recon_nll,
@@ -314,10 +373,15 @@ class ConvVAE(nn.Module):
             raise ValueError(f"sample needs n >= 1 and temperature >= 0, got n={n}, temperature={temperature}")
         device = next(self.parameters()).device
         z = torch.randn((n, *self.latent_shape), generator=generator, device=device) * temperature
-        return self.likelihood.mean(self.decode(z))
+        return self.generate(z, generator)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstructions: the likelihood's mean of ``decode(mu)``."""
-        mu, _ = self.encode(x)
-        return self.likelihood.mean(self.decode(mu))
+        """Deterministic reconstructions: the likelihood's mean of ``decode(mu, x)``.
+
+        For an autoregressive decoder that is each pixel's probability given ``mu`` and
+        the input's own earlier pixels (what the likelihood scores), not a free draw.
+        """
+        net_input, target = self._prepare(x)
+        mu, _ = self.encoder(net_input)
+        return self.likelihood.mean(self.decode(mu, target))
