@@ -54,10 +54,10 @@ def _engine(cfg):
     import deepspeed
     import torch
 
-    from vae_train.model import ConvVAE
+    from vae_train.model import build_model
 
     torch.manual_seed(0)
-    model = ConvVAE(cfg.model)
+    model = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ds_cfg = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2},
               "steps_per_print": 10**9}

@@ -117,11 +117,11 @@ def wait_fraction(source: str, steps: int) -> tuple[float, float]:
 
     from vae_train.config import Config
     from vae_train.data import build_train_stream
-    from vae_train.model import ConvVAE, likelihood_value_range, vae_loss
+    from vae_train.model import build_model, likelihood_value_range, vae_loss
 
     cfg = Config()
     cfg.data.train = source
-    model = ConvVAE(cfg.model)
+    model = build_model(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
     stream = build_train_stream(cfg.data, image_size=cfg.model.image_size, channels=cfg.model.in_channels,
                                 value_range=likelihood_value_range(cfg.model.likelihood),

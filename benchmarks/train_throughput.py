@@ -38,12 +38,12 @@ def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
     import torch
 
     from vae_train.engine import build_deepspeed_config, plan_batch
-    from vae_train.model import ConvVAE, vae_loss
+    from vae_train.model import build_model, vae_loss
 
     world = torch.distributed.get_world_size()
     plan = plan_batch(cfg.train.global_batch_size, cfg.train.grad_accum_steps, world)
     torch.manual_seed(0)
-    model = ConvVAE(cfg.model)
+    model = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg.distributed, plan),
                                            dist_init_required=False)

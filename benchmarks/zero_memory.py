@@ -86,13 +86,13 @@ def measure(stage: int) -> dict[str, int]:
 
     from vae_train.config import config_from_dict
     from vae_train.engine import setup_engine
-    from vae_train.model import ConvVAE, vae_loss
+    from vae_train.model import build_model, vae_loss
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = config_from_dict({"model": MODEL, "distributed": {"zero_stage": stage},
                             "train": {"global_batch_size": 4 * world, "grad_accum_steps": 2}})
     torch.manual_seed(0)
-    model = ConvVAE(cfg.model)
+    model = build_model(cfg.model)
     psi = model.num_parameters()
     engine = setup_engine(cfg, model)
     module_params = list(engine.module.parameters())

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vae_train.commands.schedules",
     "vae_train.commands.evaluate",
     "vae_train.commands.export",
+    "vae_train.commands.import_weights",
     "vae_train.commands.build_ops",
 )
 

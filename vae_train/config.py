@@ -49,8 +49,24 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    """The convolutional VAE (LDM-style encoder/decoder) and its likelihood."""
+    """The autoencoder (``arch``: vae-train's ConvVAE or the LDM/diffusers AutoencoderKL) and its likelihood."""
 
+    arch: Literal["convvae", "compact", "ldm"] = Field(
+        "convvae",
+        description="Architecture: convvae (vae-train's ConvVAE: base_channels, channel_mult, num_res_blocks, "
+        "norm_groups, size_mode; LDM-style ResNet stages and a spatial latent map), compact (the ConvVAE with "
+        "one plain convolution per resolution and a global latent vector of latent_channels units: "
+        "base_channels, channel_mult; a decoder pass costs a few MFLOPs, which keeps the K decoder passes of "
+        "the IWAE bound cheap) or ldm (the AutoencoderKL of LDM/diffusers, with mid-block attention and "
+        "quant_conv/post_quant_conv: block_out_channels, layers_per_block, norm_num_groups, ...). The keys of "
+        "the other architectures are ignored.",
+    )
+    init_from: str = Field(
+        "",
+        description="Start a fresh run from the weights of an export directory (vae-train export or vae-train "
+        "import; local or s3://); its architecture must equal this model section's. Read at every start; a "
+        "resumed run's checkpoint weights then replace it. Empty = random initialization.",
+    )
     in_channels: int = Field(1, ge=1, le=16, description="Image channels (1 grayscale, 3 RGB).")
     image_size: int = Field(28, ge=4, le=4096, description="Height and width of the (square) input images in pixels.")
     base_channels: int = Field(32, ge=4, description="Channels of the first ResNet stage; later stages multiply it.")
@@ -77,13 +93,6 @@ class ModelConfig(Section):
     reparam: Literal["fused", "reference"] = Field(
         "fused", description="Reparameterization/KL implementation: the fused C++/CUDA op or plain PyTorch."
     )
-    arch: Literal["resnet", "compact"] = Field(
-        "resnet",
-        description="Encoder/decoder family. resnet: LDM-style ResNet stages (GroupNorm) and a spatial latent "
-        "map of latent_channels x (image_size / 2^(len(channel_mult)-1))^2 units. compact: one plain convolution "
-        "per resolution (stride 2 between them) and a global latent vector of latent_channels units; a decoder "
-        "pass costs a few MFLOPs, which keeps the K decoder passes of the IWAE bound cheap.",
-    )
     autoregressive_channels: int = Field(
         0,
         ge=0,
@@ -98,6 +107,20 @@ class ModelConfig(Section):
         5, ge=3, le=11, description="Kernel size (odd) of the first masked convolution: how far back each pixel looks."
     )
 
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [128, 256, 512, 512],
+        min_length=1,
+        description="ldm: channels of each encoder/decoder block (diffusers' block_out_channels); the image is "
+        "downsampled 2^(len-1) times.",
+    )
+    layers_per_block: int = Field(
+        2, ge=1, le=8, description="ldm: ResNet layers per encoder block (the decoder has one more), as in diffusers."
+    )
+    norm_num_groups: int = Field(32, ge=1, description="ldm: GroupNorm groups; must divide every block_out_channels entry.")
+    mid_block_add_attention: bool = Field(True, description="ldm: self-attention in the encoder's and decoder's mid block.")
+    use_quant_conv: bool = Field(True, description="ldm: the 1x1 quant_conv after the encoder (FLUX's autoencoder has none).")
+    use_post_quant_conv: bool = Field(True, description="ldm: the 1x1 post_quant_conv before the decoder (FLUX: none).")
+
     @model_validator(mode="after")
     def _check_groups(self) -> "ModelConfig":
         if self.autoregressive_channels and self.likelihood != "bernoulli":
@@ -105,8 +128,13 @@ class ModelConfig(Section):
                 f"model.autoregressive_channels={self.autoregressive_channels} is implemented for the bernoulli "
                 f"likelihood only (got model.likelihood={self.likelihood}); set model.autoregressive_channels=0"
             )
+        if self.autoregressive_channels and self.arch == "ldm":
+            raise ValueError("model.autoregressive_channels is a decoder of model.arch convvae or compact, not ldm; "
+                             "set model.autoregressive_channels=0 or choose model.arch=compact")
         if self.autoregressive_kernel % 2 == 0:
             raise ValueError(f"model.autoregressive_kernel must be odd, got {self.autoregressive_kernel}")
+        if self.arch == "ldm":
+            return self._check_ldm()
         if self.arch == "compact":
             return self  # no GroupNorm in the compact family
         for mult in self.channel_mult:
@@ -118,6 +146,24 @@ class ModelConfig(Section):
                     f"norm_groups={self.norm_groups} does not divide stage channels {channels} "
                     f"(base_channels={self.base_channels} x {mult}); pick norm_groups dividing all of them"
                 )
+        return self
+
+    def _check_ldm(self) -> "ModelConfig":
+        if any(width < 1 for width in self.block_out_channels):
+            raise ValueError(f"block_out_channels entries must be >= 1, got {self.block_out_channels}")
+        bad = [width for width in self.block_out_channels if width % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"norm_num_groups={self.norm_num_groups} does not divide block_out_channels {bad} "
+                f"(of {self.block_out_channels}); pick norm_num_groups dividing all of them"
+            )
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"model.arch=ldm needs model.image_size divisible by its downsampling factor {factor} "
+                f"(2^(len(block_out_channels)-1)), got image_size={self.image_size}; use a multiple of {factor} "
+                "(data.resize or data.random_crop bring the images to it)"
+            )
         return self
 
 
@@ -177,6 +223,12 @@ class TrainConfig(Section):
     )
     max_consecutive_skips: int = Field(
         10, ge=1, description="Stop the run with an error after this many skipped updates in a row."
+    )
+    trainable: Literal["all", "decoder", "encoder"] = Field(
+        "all",
+        description="Which part trains: all, decoder (decoder + post_quant_conv; keeps a latent space a diffusion "
+        "model was trained on) or encoder (encoder + quant_conv). Frozen parameters get no gradients, no "
+        "optimizer state and no optimizer partitions; the checkpoint records what was frozen.",
     )
     val_every: int = Field(500, ge=0, description="Run validation every N steps (0 = only at the end).")
     val_batches: int = Field(0, ge=0, description="Validation batches per rank (0 = the whole validation split).")

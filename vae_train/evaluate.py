@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from vae_train import distributed
 from vae_train.errors import VaeTrainError
-from vae_train.model import ConvVAE, bits_per_dim
+from vae_train.model import VAE, VAE_TYPES, bits_per_dim
 from vae_train.ops.reference import soft_clamp_logvar
 
 _PSNR_MIN_MSE = 1e-10  # a perfect reconstruction reports 100 dB instead of infinity
@@ -87,7 +87,7 @@ def auto_iw_batch_size(model: ConvVAE, budget_bytes: int = IW_CHUNK_BYTES) -> in
 
 @torch.no_grad()
 def iw_nll(
-    model: ConvVAE,
+    model: VAE,
     x: torch.Tensor,
     num_samples: int,
     *,
@@ -222,17 +222,17 @@ def auprc(scores: Any, is_anomaly: Any) -> float:
 # -- per-image scores and whole-stream evaluation ---------------------------------------
 
 
-def _unwrap(model: Any) -> ConvVAE:
-    """The ConvVAE inside a DeepSpeed engine / DDP wrapper (their ``.module``), or the model itself."""
+def _unwrap(model: Any) -> VAE:
+    """The VAE (ConvVAE or AutoencoderKL) inside a DeepSpeed engine / DDP wrapper (their ``.module``), or the model itself."""
     inner = getattr(model, "module", model)
-    if not isinstance(inner, ConvVAE):
-        raise EvalError(f"expected a ConvVAE (or a wrapper with .module), got {type(inner).__name__}")
+    if not isinstance(inner, VAE_TYPES):
+        raise EvalError(f"expected a ConvVAE or AutoencoderKL (or a wrapper with .module), got {type(inner).__name__}")
     return inner
 
 
 @torch.no_grad()
 def score_images(
-    model: ConvVAE,
+    model: VAE,
     x: torch.Tensor,
     iw_samples: int = 0,
     *,
@@ -349,7 +349,7 @@ def evaluate_stream(
     return _summarize(vae, sums, iw_samples, active_threshold)
 
 
-def _summarize(vae: ConvVAE, sums: torch.Tensor, iw_samples: int, active_threshold: float) -> dict[str, float]:
+def _summarize(vae: VAE, sums: torch.Tensor, iw_samples: int, active_threshold: float) -> dict[str, float]:
     """Turn the reduced sums into the metrics dict of :func:`evaluate_stream`."""
     count, nonfinite = int(sums[0]), int(sums[1])
     if count == 0:

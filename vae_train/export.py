@@ -11,7 +11,7 @@ Usage::
 
     vae-train export runs/x/checkpoints/step-00002000 --out exported/   # or s3://bucket/run/step-...
     import vae_train
-    model = vae_train.load_model("exported/")                          # a ConvVAE in eval mode
+    model = vae_train.load_model("exported/")                          # the model (model.arch) in eval mode
 
 :func:`load_model` needs only torch, safetensors and :mod:`vae_train.model`:
 DeepSpeed is imported only when it is handed a training checkpoint instead of an
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import torch
 
     from vae_train.config import S3Config
-    from vae_train.model import ConvVAE
+    from vae_train.model import VAE
 
 EXPORT_FORMAT = "vae-train-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -118,8 +118,8 @@ def _local_checkpoint(src: str, s3_cfg: S3Config | None):
         yield download_checkpoint(open_store(parent, s3_cfg), step, Path(tmp) / step_name(step))
 
 
-def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location: str = "cpu") -> ConvVAE:
-    """Build the :class:`~vae_train.model.ConvVAE` of an export (or a checkpoint) in eval mode.
+def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location: str = "cpu") -> VAE:
+    """Build the model of an export (or a checkpoint) in eval mode (``model.arch`` picks the class).
 
     ``src``: an exported directory (``config.json`` + ``model.safetensors``), a
     training checkpoint directory (consolidated on the fly; needs DeepSpeed), or
@@ -128,7 +128,7 @@ def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location:
     from safetensors.torch import load_file
 
     from vae_train.config import ModelConfig
-    from vae_train.model import ConvVAE
+    from vae_train.model import build_model
 
     src = str(src)
     if src.startswith("s3://"):
@@ -144,7 +144,7 @@ def load_model(src: str | Path, *, s3_cfg: S3Config | None = None, map_location:
     else:
         raise ExportError(f"{src} is neither an exported model ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a checkpoint "
                           f"({MANIFEST}); export one with `vae-train export CHECKPOINT --out DIR`")
-    model = ConvVAE(ModelConfig.model_validate(model_cfg))
+    model = build_model(ModelConfig.model_validate(model_cfg))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ExportError(f"{src} does not match its model config: missing {sorted(missing)[:5]}, "
@@ -164,7 +164,7 @@ def _read_export_config(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_remote(src: str, s3_cfg: S3Config | None, map_location: str) -> ConvVAE:
+def _load_remote(src: str, s3_cfg: S3Config | None, map_location: str) -> VAE:
     from vae_train.storage import open_store
 
     store = open_store(src, s3_cfg)
@@ -175,3 +175,22 @@ def _load_remote(src: str, s3_cfg: S3Config | None, map_location: str) -> ConvVA
             return load_model(tmp, map_location=map_location)
     with _local_checkpoint(src, s3_cfg) as ckpt_dir:
         return load_model(ckpt_dir, map_location=map_location)
+
+
+def initialize_from(model: VAE, src: str, s3_cfg: S3Config | None = None) -> None:
+    """Copy the weights of export (or checkpoint) ``src`` into ``model`` (``model.init_from``).
+
+    The export's architecture must give exactly ``model``'s parameters (names and shapes);
+    otherwise the error lists the ``model.*`` settings that differ, so the config can be fixed.
+    """
+    source = load_model(src, s3_cfg=s3_cfg)
+    theirs, ours = source.state_dict(), model.state_dict()
+    mismatched = sorted(k for k in set(theirs) | set(ours)
+                        if k not in theirs or k not in ours or theirs[k].shape != ours[k].shape)
+    if mismatched:
+        saved, current = source.config.model_dump(mode="json"), model.config.model_dump(mode="json")
+        fields = [f"model.{k}: export {saved[k]!r}, config {current[k]!r}" for k in sorted(saved)
+                  if k != "init_from" and saved[k] != current[k]]
+        raise ExportError(f"model.init_from={src} does not fit the configured model ({len(mismatched)} parameters "
+                          f"differ, e.g. {', '.join(mismatched[:3])}); settings that differ:\n  " + "\n  ".join(fields))
+    model.load_state_dict(theirs)

@@ -56,7 +56,8 @@ from vae_train.distributed import all_reduce_sum, any_rank
 from vae_train.engine import Engine, StepDecision, setup_engine
 from vae_train.errors import VaeTrainError
 from vae_train.logging import RunLogger, log, pairs_grid, image_grid, save_png, setup_console
-from vae_train.model import ConvVAE, LossTerms, VAEOutput, bits_per_dim, likelihood_value_range, vae_loss
+from vae_train.export import initialize_from
+from vae_train.model import LossTerms, VAEOutput, bits_per_dim, build_model, freeze, likelihood_value_range, vae_loss
 from vae_train.preemption import PreemptionHandler, requeue_if_slurm
 from vae_train.schedules import build_beta_schedule
 
@@ -134,8 +135,14 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
     """
     # -- the model and the engine: bad settings stop here, before any rank waits ----
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = ConvVAE(cfg.model)
-    num_parameters = model.num_parameters()  # before ZeRO-3 partitions them
+    model = build_model(cfg.model)
+    if cfg.model.init_from:  # read at every start; a resumed run's checkpoint then replaces these weights
+        initialize_from(model, cfg.model.init_from, cfg.s3)
+    frozen = freeze(model, cfg.train.trainable)  # the engine hands only trainable parameters to DeepSpeed
+    num_parameters = model.num_parameters()  # trainable ones, before ZeRO-3 partitions them
+    # The trainer part also records what was frozen (train.trainable), in the checkpoint and run_info.json.
+    trained = {"trainable": cfg.train.trainable, "frozen_parameters": len(frozen),
+               "frozen_numel": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
     engine = setup_engine(cfg, model)
     rank, world = engine.env.rank, engine.env.world_size
     setup_console(rank)
@@ -155,12 +162,12 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
     checkpoints.register("model", DeepSpeedState(engine.ds))
     # At another world size the stream restarts from its seed-derived start (logged by the manager).
     checkpoints.register("data", train_stream, resize=Resize.RESTART)
-    checkpoints.register("trainer", StateFunctions(lambda: {"skipped_steps": skipped_total}, restore_counters),
+    checkpoints.register("trainer", StateFunctions(lambda: {"skipped_steps": skipped_total, **trained}, restore_counters),
                          resize=Resize.REPLICATED)
     resume_path = checkpoints.resolve_resume()
     if resume_path:
         step = checkpoints.load(resume_path).step
-    _write_run_info(cfg, engine, num_parameters, resumed_from=resume_path)
+    _write_run_info(cfg, engine, num_parameters, resumed_from=resume_path, trained=trained)
 
     logger = RunLogger(cfg.run_dir, cfg.logging, max_steps=cfg.train.max_steps, start_step=step, is_main=rank == 0)
     logger.info(f"TensorBoard logs: {Path(cfg.run_dir, 'tb').resolve()}  (tensorboard --logdir {cfg.run_dir}/tb)")
@@ -388,13 +395,14 @@ def _final_grids(engine: Engine, logger: RunLogger, probe: torch.Tensor, value_r
         save_png(grids["reconstructions"], Path(cfg.run_dir) / "reconstructions.png")
 
 
-def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_from: str | None) -> None:
+def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_from: str | None,
+                    trained: dict[str, Any]) -> None:
     """``run_info.json`` and ``config.yaml`` in the run dir, and one summary line (rank 0)."""
     from vae_train import ops
 
     info = engine.info()
     reparam = ops.backend() if cfg.model.reparam == "fused" else "reference"
-    info.update(parameters=num_parameters, reparam_backend=reparam, resumed_from=resumed_from)
+    info.update(parameters=num_parameters, reparam_backend=reparam, resumed_from=resumed_from, **trained)
     if engine.env.rank != 0:
         return
     run_dir = Path(cfg.run_dir)

@@ -127,6 +127,21 @@ def test_incompatible_model_config_lists_keys(tmp_path):
     assert "model.image_size" not in msg
 
 
+def test_resume_reads_older_model_configs_with_defaults_and_refuses_another_trainable(tmp_path):
+    cfg = config_from_dict({"run_dir": str(tmp_path / "run")})
+    newer = ("arch", "init_from", "block_out_channels", "layers_per_block", "norm_num_groups",
+             "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv")
+    old_model = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k not in newer}
+    d, _ = _fake_checkpoint(tmp_path / "ck", world=1, model=old_model)
+    # The keys it predates count as their defaults: the load passes the config check and stops only at the
+    # RNG files this fake checkpoint lacks.
+    with pytest.raises(FileNotFoundError, match="rng"):
+        ck.CheckpointManager(cfg, rank=0, world_size=1, local_rank=0).load(d)
+    decoder_only = config_from_dict({"run_dir": str(tmp_path / "run"), "train": {"trainable": "decoder"}})
+    with pytest.raises(ck.CheckpointError, match="train.trainable=all .* the config says decoder"):
+        ck.CheckpointManager(decoder_only, rank=0, world_size=1, local_rank=0).load(d)
+
+
 def test_resume_modes(tmp_path):
     cfg = config_from_dict({"run_dir": str(tmp_path / "run")})
     manager = ck.CheckpointManager(cfg, rank=0, world_size=1, local_rank=0)

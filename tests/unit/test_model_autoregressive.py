@@ -151,6 +151,7 @@ def test_iw_chunk_follows_the_decoder_size() -> None:
     ("model.autoregressive_channels=8 model.likelihood=logistic", "bernoulli likelihood only"),
     ("model.autoregressive_kernel=4", "must be odd"),
     ("model.arch=pixel", "arch"),
+    ("model.arch=ldm model.autoregressive_channels=8", "not ldm"),
 ])
 def test_bad_autoregressive_settings_are_refused(override: str, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
@@ -161,5 +162,5 @@ def test_old_model_configs_stay_valid() -> None:
     """A config without the new keys builds the ResNet VAE with a spatial latent, as before."""
     cfg = load_config(None, ["model.base_channels=8", "model.norm_groups=4"])
     model = ConvVAE(cfg.model)
-    assert cfg.model.arch == "resnet" and not model.is_autoregressive
+    assert cfg.model.arch == "convvae" and not model.is_autoregressive
     assert model.latent_shape == (cfg.model.latent_channels, 7, 7)

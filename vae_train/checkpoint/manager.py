@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 #: Where universal conversions of checkpoints are cached (under the local checkpoint root).
 UNIVERSAL_DIR = ".universal"
 #: Model-config keys that do not change the parameters (safe to differ on resume).
-RUNTIME_ONLY_MODEL_KEYS = frozenset({"reparam"})
+RUNTIME_ONLY_MODEL_KEYS = frozenset({"reparam", "init_from"})
 _PART_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -508,8 +508,17 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: cannot read {json_name}: {exc}") from None
 
     def _check_model_config(self, path: Path, saved_cfg: dict[str, Any]) -> None:
-        saved_model = saved_cfg.get("model", {})
+        # Keys a checkpoint predates (model.arch, the ldm keys) count as their defaults.
+        defaults = type(self.cfg.model).model_construct().model_dump(mode="json")
+        saved_model = {**defaults, **saved_cfg.get("model", {})}
         current = self.cfg.model.model_dump(mode="json")
+        saved_trainable = saved_cfg.get("train", {}).get("trainable", "all")
+        if saved_trainable != self.cfg.train.trainable:
+            raise CheckpointError(
+                f"checkpoint {path} trained with train.trainable={saved_trainable} (its optimizer state covers only "
+                f"those parameters) but the config says {self.cfg.train.trainable}; resume with the same setting, or "
+                "export the checkpoint and start a new run from it with model.init_from"
+            )
         diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {current.get(k)!r}"
                  for k in sorted(set(saved_model) | set(current))
                  if k not in RUNTIME_ONLY_MODEL_KEYS and saved_model.get(k) != current.get(k)]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from vae_train.config import Config
-    from vae_train.model import ConvVAE
+    from vae_train.model import VAE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -119,13 +119,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load(args: argparse.Namespace, cfg: Config, device: torch.device) -> ConvVAE:
+def _load(args: argparse.Namespace, cfg: Config, device: torch.device) -> VAE:
     import vae_train
 
     return vae_train.load_model(args.checkpoint, s3_cfg=cfg.s3, map_location=str(device))
 
 
-def _stream(args: argparse.Namespace, cfg: Config, model: ConvVAE, rank: int = 0, world_size: int = 1) -> Any:
+def _stream(args: argparse.Namespace, cfg: Config, model: VAE, rank: int = 0, world_size: int = 1) -> Any:
     """The validation stream of ``--data`` decoded for this model (its size, channels and range)."""
     from vae_train.data import build_val_stream
     from vae_train.evaluate import EvalError
@@ -336,7 +336,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
-def interpolation_rows(model: ConvVAE, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+def interpolation_rows(model: VAE, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
     """``[P, steps + 2, C, H, W]``: each row is input a, decodes of the linear path between the
     posterior means of a and b (both ends included), input b."""
     import torch

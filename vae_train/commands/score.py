@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from vae_train.anomaly import NormalFit
     from vae_train.config import Config
-    from vae_train.model import ConvVAE
+    from vae_train.model import VAE
 
 
 def register(subparsers: argparse._SubParsersAction, command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -185,7 +185,7 @@ def _real_images(stream: Any, max_images: int = 0) -> Iterator[dict[str, Any]]:
                "key": [k for k, m in zip(batch["key"], mask.tolist()) if m]}
 
 
-def fit_normal(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", normal: set[int] | None,
+def fit_normal(args: argparse.Namespace, cfg: "Config", model: "VAE", normal: set[int] | None,
                rank: int, world_size: int) -> "NormalFit":
     """Fit :class:`vae_train.anomaly.NormalFit` on ``--fit-data`` (its ``normal`` classes), over all ranks."""
     import torch
@@ -229,7 +229,7 @@ def fit_normal(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", normal
     return anomaly.NormalFit(gaussian, bank, stats)
 
 
-def score_rows(args: argparse.Namespace, cfg: "Config", model: "ConvVAE", fit: "NormalFit | None",
+def score_rows(args: argparse.Namespace, cfg: "Config", model: "VAE", fit: "NormalFit | None",
                rank: int, world_size: int) -> tuple[list[str], "torch.Tensor", dict[str, "torch.Tensor"]]:
     """This rank's keys, labels and every score of its share of ``--data``, in data order."""
     import torch
