@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 
-def command(args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of ``vae-train ARGS`` (CPU DeepSpeed, one OpenMP thread unless set)."""
+def command(args: tuple[str, ...], ranks: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of ``vae-train ARGS`` (CPU DeepSpeed, one OpenMP thread unless set),
+    under ``torchrun --standalone --nproc_per_node RANKS`` when ``ranks > 1``."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return [sys.executable, "-m", "vae_train", *args], env
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    return [sys.executable, *launcher, "-m", "vae_train", *args], env
 
 
 def failed(args: tuple[str, ...], status: int, log: Path) -> SystemExit:
@@ -26,9 +28,9 @@ def failed(args: tuple[str, ...], status: int, log: Path) -> SystemExit:
     return SystemExit(f"vae-train {args[0]} failed (status {status}); last lines of {log}:\n" + "\n".join(tail))
 
 
-def vae_train(*args: str, log: Path) -> float:
-    """Run ``vae-train ARGS`` (output appended to ``log``); returns its wall time in seconds."""
-    cmd, env = command(args)
+def vae_train(*args: str, log: Path, ranks: int = 1) -> float:
+    """Run ``vae-train ARGS`` on ``ranks`` processes (output appended to ``log``); returns its wall time in seconds."""
+    cmd, env = command(args, ranks)
     started = time.perf_counter()
     with log.open("a") as f:
         f.write(f"$ vae-train {' '.join(args)}\n")

@@ -92,24 +92,26 @@ def png_nats(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Te
 
 @torch.no_grad()
 def image_terms(
-    model: Any, x: torch.Tensor, *, iw_samples: int = 0, iw_batch_size: int = 1024,
+    model: Any, x: torch.Tensor, *, iw_samples: int = 0, iw_batch_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image terms of a batch (float64, CPU): ``nelbo``, ``recon``, ``png``, ``iw`` (when
-    ``iw_samples > 0``) and ``mu`` (posterior means flattened, ``[B, D]``)."""
+    ``iw_samples > 0``) and ``mu`` (posterior means flattened, ``[B, D]``). The IWAE bound draws
+    its noise first, as in :func:`vae_train.evaluate.score_images`."""
     from vae_train.evaluate import iw_nll
 
+    bound = iw_nll(model, x, iw_samples, iw_batch_size=iw_batch_size, generator=generator) if iw_samples > 0 else None
     out = model(x, generator=generator)
     target = model.target(x)
-    recon = -model.likelihood.log_prob(target, model.decode(out.mu))
+    recon = -model.likelihood.log_prob(target, model.decode(out.mu, target))
     terms = {
         "nelbo": out.nelbo.double().cpu(),
         "recon": recon.double().cpu(),
         "png": png_nats(target, model.likelihood.value_range),
         "mu": out.mu.flatten(1).double().cpu(),
     }
-    if iw_samples > 0:
-        terms["iw"] = iw_nll(model, x, iw_samples, iw_batch_size=iw_batch_size, generator=generator).cpu()
+    if bound is not None:
+        terms["iw"] = bound.cpu()
     return terms
 
 

@@ -51,12 +51,15 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The autoencoder (``arch``: vae-train's ConvVAE or the LDM/diffusers AutoencoderKL) and its likelihood."""
 
-    arch: Literal["convvae", "ldm"] = Field(
+    arch: Literal["convvae", "compact", "ldm"] = Field(
         "convvae",
         description="Architecture: convvae (vae-train's ConvVAE: base_channels, channel_mult, num_res_blocks, "
-        "norm_groups, size_mode) or ldm (the AutoencoderKL of LDM/diffusers, with mid-block attention and "
+        "norm_groups, size_mode; LDM-style ResNet stages and a spatial latent map), compact (the ConvVAE with "
+        "one plain convolution per resolution and a global latent vector of latent_channels units: "
+        "base_channels, channel_mult; a decoder pass costs a few MFLOPs, which keeps the K decoder passes of "
+        "the IWAE bound cheap) or ldm (the AutoencoderKL of LDM/diffusers, with mid-block attention and "
         "quant_conv/post_quant_conv: block_out_channels, layers_per_block, norm_num_groups, ...). The keys of "
-        "the other architecture are ignored.",
+        "the other architectures are ignored.",
     )
     init_from: str = Field(
         "",
@@ -93,6 +96,19 @@ class ModelConfig(Section):
     )
     reparam: Literal["fused", "reference"] = Field(
         "fused", description="Reparameterization/KL implementation: the fused C++/CUDA op or plain PyTorch."
+    )
+    autoregressive_channels: int = Field(
+        0,
+        ge=0,
+        description="Width of the local autoregressive path (PixelCNN-style masked convolutions over the image "
+        "itself, whose output is added to the decoder's logits): each pixel then depends on z and on the pixels "
+        "above and to its left. 0 = pixels independent given z. Needs likelihood bernoulli.",
+    )
+    autoregressive_layers: int = Field(
+        3, ge=1, le=8, description="Masked convolutions of the autoregressive path (the first one excludes the pixel itself)."
+    )
+    autoregressive_kernel: int = Field(
+        5, ge=3, le=11, description="Kernel size (odd) of the first masked convolution: how far back each pixel looks."
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute the ResNet (and attention) blocks' activations in the backward pass instead "
@@ -152,8 +168,23 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_groups(self) -> "ModelConfig":
+        if self.autoregressive_channels and self.likelihood != "bernoulli":
+            raise ValueError(
+                f"model.autoregressive_channels={self.autoregressive_channels} is implemented for the bernoulli "
+                f"likelihood only (got model.likelihood={self.likelihood}); set model.autoregressive_channels=0"
+            )
+        if self.autoregressive_channels and self.arch == "ldm":
+            raise ValueError("model.autoregressive_channels is a decoder of model.arch convvae or compact, not ldm; "
+                             "set model.autoregressive_channels=0 or choose model.arch=compact")
+        if self.autoregressive_kernel % 2 == 0:
+            raise ValueError(f"model.autoregressive_kernel must be odd, got {self.autoregressive_kernel}")
         if self.arch == "ldm":
             return self._check_ldm()
+        if self.arch == "compact":
+            if self.channels_last:
+                raise ValueError("model.channels_last is for the convolutional stacks of convvae and ldm; the compact "
+                                 "model's decoder starts with a fully-connected layer: set model.channels_last=false")
+            return self  # no GroupNorm in the compact family
         for mult in self.channel_mult:
             if mult < 1:
                 raise ValueError(f"channel_mult entries must be >= 1, got {self.channel_mult}")

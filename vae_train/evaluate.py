@@ -55,25 +55,64 @@ class EvalError(VaeTrainError):
 # -- numerics -----------------------------------------------------------------------
 
 
+# Decoder activations (float32) that one chunk of the IWAE bound may hold. Measured on a 2-core CPU
+# (docs/DESIGN.md "IWAE evaluation"): per-latent time is flat from ~16 to ~256 latents for the compact
+# decoder and grows beyond a few MB of activations (allocation and cache misses), so the chunk is sized
+# to the model's activation footprint rather than fixed.
+IW_CHUNK_BYTES = 8 * 2**20
+
+
+@torch.no_grad()
+def auto_iw_batch_size(model: ConvVAE, budget_bytes: int = IW_CHUNK_BYTES) -> int:
+    """Latents the IWAE bound decodes at once for ``model``: ``budget_bytes`` of decoder activations.
+
+    One latent goes through the decoder with hooks that add up every layer's output
+    size (float32): the footprint of one decoder pass, which is what grows with the
+    chunk. Clamped to [16, 4096].
+    """
+    total = 0
+
+    def count(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in model.decoder.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        param = next(model.decoder.parameters())
+        model.decoder(torch.zeros((1, *model.latent_shape), dtype=param.dtype, device=param.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(min(4096, max(16, budget_bytes // max(1, 4 * total))))
+
+
 @torch.no_grad()
 def iw_nll(
     model: VAE,
     x: torch.Tensor,
     num_samples: int,
     *,
-    iw_batch_size: int = 1024,
+    iw_batch_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Importance-weighted NLL (nats) per image with ``num_samples`` samples: shape ``[B]``, float64.
 
     The posterior is ``N(mu, exp(soft_clamp_logvar(logvar)))``, the same clamp the
     reparameterization op applies in training. At most ``iw_batch_size`` latents are
-    decoded at once (at least one per image), whatever ``num_samples`` is.
+    decoded at once (at least one per image), whatever ``num_samples`` is; ``None``
+    sizes the chunk from the model (:func:`auto_iw_batch_size`). An autoregressive
+    decoder's z-independent part (:meth:`ConvVAE.context`) is computed once per image,
+    so each sample costs one plain decoder pass.
     """
     if num_samples < 1:
         raise EvalError(f"the number of importance samples must be >= 1, got {num_samples}; use --iw-samples K with K >= 1")
+    if iw_batch_size is None:
+        iw_batch_size = auto_iw_batch_size(model)
     mu, logvar = model.encode(x)
     target = model.target(x)
+    context = model.context(target)
     lv = soft_clamp_logvar(logvar.float())
     std = torch.exp(0.5 * lv)
     mu32 = mu.float()
@@ -87,7 +126,7 @@ def iw_nll(
         z = mu32 + std * eps
         # log p(z) - log q(z|x) for standard-normal prior and diagonal posterior (constants cancel).
         log_prior_ratio = (0.5 * (eps.square() - z.square()) + 0.5 * lv).flatten(2).sum(2)
-        params = model.decode(z.flatten(0, 1).to(mu.dtype))
+        params = model.decode(z.flatten(0, 1).to(mu.dtype), context=context)
         repeated = target.unsqueeze(0).expand(m, *target.shape).flatten(0, 1)
         log_px = model.likelihood.log_prob(repeated, params).view(m, batch)
         log_w = (log_px + log_prior_ratio).double()
@@ -200,24 +239,30 @@ def score_images(
     x: torch.Tensor,
     iw_samples: int = 0,
     *,
-    iw_batch_size: int = 1024,
+    iw_batch_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image terms (float64 ``[B]``): ``nelbo``, ``recon``, ``kl`` (nats), ``iw_nll`` when
     ``iw_samples > 0``; plus ``mu`` (the posterior means, for active units), ``target`` (the
-    images the likelihood scores) and ``reconstruction`` (``mean(decode(mu))``), both in the
-    likelihood's value range, for the reconstruction metrics."""
+    images the likelihood scores) and ``reconstruction`` (``mean(decode(mu, target))``), both in the
+    likelihood's value range, for the reconstruction metrics.
+
+    The IWAE bound draws its noise first, so on a fresh ``generator`` it equals
+    ``iw_nll(model, x, K, generator=...)`` with the same seed (``vae-train eval`` and
+    ``score`` report what the library call gives)."""
+    bound = iw_nll(model, x, iw_samples, iw_batch_size=iw_batch_size, generator=generator) if iw_samples > 0 else None
     out = model(x, generator=generator)
+    target = model.target(x)
     scores = {
         "recon": out.recon_nll.double(),
         "kl": out.kl.double(),
         "nelbo": out.nelbo.double(),
         "mu": out.mu.double(),
-        "target": model.target(x),
-        "reconstruction": model.likelihood.mean(model.decode(out.mu)),
+        "target": target,
+        "reconstruction": model.likelihood.mean(model.decode(out.mu, target)),
     }
-    if iw_samples > 0:
-        scores["iw_nll"] = iw_nll(model, x, iw_samples, iw_batch_size=iw_batch_size, generator=generator)
+    if bound is not None:
+        scores["iw_nll"] = bound
     return scores
 
 
@@ -239,7 +284,7 @@ def evaluate_stream(
     iw_samples: int = 0,
     *,
     max_batches: int = 0,
-    iw_batch_size: int = 1024,
+    iw_batch_size: int | None = None,
     active_threshold: float = 0.01,
     seed: int = 0,
     image_hw: tuple[int, int] | None = None,

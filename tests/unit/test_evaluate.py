@@ -73,9 +73,9 @@ def test_iw_k1000_decodes_in_bounded_chunks(trained_vae, monkeypatch: pytest.Mon
     sizes: list[int] = []
     decode = model.decode
 
-    def counting_decode(z: torch.Tensor) -> torch.Tensor:
+    def counting_decode(z: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         sizes.append(z.shape[0])
-        return decode(z)
+        return decode(z, *args, **kwargs)
 
     monkeypatch.setattr(model, "decode", counting_decode)
     nll = iw_nll(model, x, 1000, iw_batch_size=300, generator=torch.Generator().manual_seed(3))

@@ -194,3 +194,17 @@ def test_shared_math_header_philox_known_answers_and_accuracy(tmp_path):
     assert kats.split() == ["ok"] * 12
     exp_err, log_err, sincos_err = (float(e) for e in errors.split())
     assert exp_err < 2.5e-7 and log_err < 2.5e-7 and sincos_err < 2.5e-7  # about 2 ulps
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    """cpp_extension waits on its lock forever: an orphan must not hang every later start."""
+    orphan = tmp_path / "lock"
+    orphan.touch()
+    old = orphan.stat().st_mtime - build.STALE_LOCK_S - 60
+    os.utime(orphan, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        build._clear_stale_lock(tmp_path)
+    assert not orphan.exists()
+    orphan.touch()  # a build in progress right now: its lock stays
+    build._clear_stale_lock(tmp_path)
+    assert orphan.exists()

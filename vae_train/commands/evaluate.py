@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--lpips-backbone", default=None, metavar="PATH",
                     help="VGG16 weights for lpips (default eval.lpips_backbone_path); never downloaded")
     ev.add_argument("--iw-samples", type=int, default=None, metavar="K", help="importance samples for the IWAE NLL (K >= 1)")
-    ev.add_argument("--iw-batch-size", type=int, default=1024, help="latents decoded at once by the IWAE bound")
+    ev.add_argument("--iw-batch-size", type=int, default=None,
+                    help="latents decoded at once by the IWAE bound (default: sized from the model's decoder)")
     ev.add_argument("--max-batches", type=int, default=0, help="stop after N batches per rank (0 = whole split)")
     ev.add_argument("--out", default=None, help="also write the metrics as JSON here")
     _size_options(ev)
@@ -283,7 +284,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.iw_samples is not None:
         _check_count("--iw-samples", args.iw_samples)
-    _check_count("--iw-batch-size", args.iw_batch_size)
+    if args.iw_batch_size is not None:
+        _check_count("--iw-batch-size", args.iw_batch_size)
     cfg = _settings(args)
     names = parse_metrics(args.metrics if args.metrics is not None else cfg.eval.metrics)
     env = detect_launch_env()
@@ -450,6 +452,6 @@ def interpolation_rows(model: VAE, a: torch.Tensor, b: torch.Tensor, steps: int)
         mu_a, mu_b = model.encode(a)[0], model.encode(b)[0]
         t = torch.linspace(0.0, 1.0, steps, device=mu_a.device).view(1, steps, 1, 1, 1)
         path = (1 - t) * mu_a[:, None] + t * mu_b[:, None]
-        decoded = model.likelihood.mean(model.decode(path.flatten(0, 1)))
+        decoded = model.generate(path.flatten(0, 1))
         decoded = decoded.view(len(a), steps, *decoded.shape[1:])
     return torch.cat([model.target(a)[:, None].float(), decoded, model.target(b)[:, None].float()], dim=1)

@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction, command: Callable[..., argp
                        help="normal images for the latent and combined scores (e.g. the training split DIR#train); "
                             "kept to --normal-classes when given")
     score.add_argument("--iw-samples", type=int, default=None, metavar="K", help="compute the IWAE NLL with K samples")
-    score.add_argument("--iw-batch-size", type=int, default=1024, help="latents decoded at once by the IWAE bound")
+    score.add_argument("--iw-batch-size", type=int, default=None,
+                       help="latents decoded at once by the IWAE bound (default: sized from the model's decoder)")
     score.add_argument("--normal-classes", default=None, help="comma-separated labels of the normal classes, e.g. 0 or 0,2")
     score.add_argument("--hist", default=None, help="histogram PNG of scores per class (default: next to --out)")
     score.add_argument("--metrics-out", default=None, help="also write AUROC/AUPRC and counts as JSON here")
@@ -86,7 +87,8 @@ def run_score(args: argparse.Namespace) -> int:
 
     if args.iw_samples is not None:
         _check_count("--iw-samples", args.iw_samples)
-    _check_count("--iw-batch-size", args.iw_batch_size)
+    if args.iw_batch_size is not None:
+        _check_count("--iw-batch-size", args.iw_batch_size)
     _check_count("--max-images", args.max_images, minimum=0)
     name = resolve_score(args.score, args.fit_data, args.iw_samples)
     normal = parse_classes(args.normal_classes)
@@ -164,12 +166,18 @@ def _process_group(env: Any, cfg: "Config", device_name: str) -> Iterator["torch
 
 
 def _real_images(stream: Any, max_images: int = 0) -> Iterator[dict[str, Any]]:
-    """The unmasked part of each batch (image, key, label); stops once ``max_images`` (> 0) were given."""
+    """The unmasked part of each batch (image, key, label); stops once ``max_images`` (> 0) were given.
+
+    The last batch is cut to what is still wanted: scoring a whole batch of 256 for
+    ``--max-images 8`` made that command cost 32x the images it reported.
+    """
     given = 0
     for batch in stream:
         if max_images and given >= max_images:
             break
-        mask = batch["mask"]
+        mask = batch["mask"].clone()
+        if max_images:
+            mask[mask.cumsum(0) > max_images - given] = False
         if not bool(mask.any()):
             continue
         given += int(mask.sum())

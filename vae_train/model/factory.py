@@ -21,7 +21,9 @@ VAE = Union[ConvVAE, AutoencoderKL]
 
 VAE_TYPES: tuple[type[nn.Module], ...] = (ConvVAE, AutoencoderKL)
 
-ARCHITECTURES: dict[str, Callable[[ModelConfig], nn.Module]] = {"convvae": ConvVAE, "ldm": AutoencoderKL}
+ARCHITECTURES: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "convvae": ConvVAE, "compact": ConvVAE, "ldm": AutoencoderKL,
+}
 
 # Parameter-name prefixes of each trainable part, for both architectures (ConvVAE has no quant convs).
 PARTS: dict[str, tuple[str, ...]] = {

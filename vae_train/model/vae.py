@@ -43,8 +43,10 @@ from torch.nn import functional as F
 
 from vae_train.config import ModelConfig
 from vae_train.model.activation_checkpointing import enable_gradient_checkpointing
+from vae_train.model.autoregressive import LocalAutoregressive, add_context, sample_autoregressive
 from vae_train.model.blocks import Downsample, ResBlock, Upsample, group_norm
-from vae_train.model.errors import ArchitectureError, InputShapeError
+from vae_train.model.compact import CompactDecoder, CompactEncoder
+from vae_train.model.errors import ArchitectureError, InputShapeError, ModelError
 from vae_train.model.likelihoods import Likelihood, build_likelihood
 from vae_train.model.tiling import tiled_apply
 from vae_train.ops import reparam_kl
@@ -220,11 +222,26 @@ class ConvVAE(nn.Module):
         self.config = cfg
         self.likelihood: Likelihood = build_likelihood(cfg.likelihood, cfg.gaussian_std)
         self._geometry = _geometry(cfg)
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg, self.likelihood.params_per_channel * cfg.in_channels)
         factor = cfg.downsampling_factor
         nh, nw = self._geometry.network
-        self.latent_shape: tuple[int, int, int] = (cfg.latent_channels, nh // factor, nw // factor)
+        out_channels = self.likelihood.params_per_channel * cfg.in_channels
+        self.encoder: nn.Module
+        self.decoder: nn.Module
+        if cfg.arch == "compact":  # a fully-connected bottleneck: images of image_size only
+            self.encoder = CompactEncoder(cfg, (nh // factor, nw // factor))
+            self.decoder = CompactDecoder(cfg, out_channels, (nh // factor, nw // factor))
+            self.latent_shape: tuple[int, int, int] = (cfg.latent_channels, 1, 1)
+        else:
+            self.encoder = Encoder(cfg)
+            self.decoder = Decoder(cfg, out_channels)
+            self.latent_shape = (cfg.latent_channels, nh // factor, nw // factor)
+        # the local autoregressive path over the image (None: pixels independent given z)
+        self.autoregressive: LocalAutoregressive | None = None
+        if cfg.autoregressive_channels:
+            self.autoregressive = LocalAutoregressive(
+                cfg.in_channels, out_channels, cfg.autoregressive_channels, cfg.autoregressive_layers,
+                cfg.autoregressive_kernel,
+            )
         oh, ow = self._geometry.output
         self.num_dims: int = cfg.in_channels * oh * ow
         self.tiling: Tiling | None = None
@@ -278,6 +295,9 @@ class ConvVAE(nn.Module):
         the downsampling factor. Images no larger than a tile are processed whole, so
         their results do not change.
         """
+        if self.config.arch == "compact" or self.autoregressive is not None:
+            raise ArchitectureError("tiling needs a fully convolutional model whose pixels are independent given z "
+                                    "(model.arch=convvae without model.autoregressive_channels, or ldm)")
         factor = self.config.downsampling_factor
         tile_hw = self._geometry.network if tile is None else ((tile, tile) if isinstance(tile, int) else tile)
         if overlap is None:
@@ -345,6 +365,11 @@ class ConvVAE(nn.Module):
                 f"{height}x{width} and otherwise takes sides divisible by its downsampling factor {factor}; "
                 "set model.image_size, or resize/crop the data (data.resize=true)"
             )
+        if cfg.arch == "compact" and tuple(x.shape[2:]) != (height, width):
+            raise InputShapeError(
+                f"images are {x.shape[2]}x{x.shape[3]}; model.arch=compact has a fully-connected bottleneck and takes "
+                f"model.image_size={height}x{width} images only (resize/crop the data, or use model.arch=convvae)"
+            )
         geo = self._geometry
         if geo.network != geo.output and tuple(x.shape[2:]) == geo.network:
             # pad mode: its latent would look like a padded image_size one, and decode(z) would crop it
@@ -408,10 +433,49 @@ class ConvVAE(nn.Module):
         (``[B, *latent_shape]`` for ``image_size`` inputs)."""
         return self._encode_net(self._prepare(x)[0])
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters for latents ``z``: a latent of ``latent_shape`` decodes to the image the
-        model describes (pad mode's padding dropped), other latent sizes to ``f`` times their size."""
-        return self._decode_for(z, None)
+    @property
+    def is_autoregressive(self) -> bool:
+        """Whether p(x|z) depends on the image's own earlier pixels (``model.autoregressive_channels``)."""
+        return self.autoregressive is not None
+
+    def context(self, target: torch.Tensor) -> torch.Tensor | None:
+        """The autoregressive path's logit offsets for the likelihood target ``target`` (``None`` when
+        the model has none): the part of p(x|z) that does not depend on z, computed once per image."""
+        return None if self.autoregressive is None else self.autoregressive(target)
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None, *, context: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Likelihood parameters of the image ``x`` given latents ``z``.
+
+        A latent of ``latent_shape`` decodes to the image the model describes (pad mode's
+        padding dropped), other latent sizes to ``f`` times their size. An autoregressive
+        model needs the image it scores: pass ``x`` (the likelihood target, as
+        :meth:`target` returns it) or its precomputed :meth:`context`; ``z`` may hold
+        several latents per image, ``[m * B, ...]`` sample-major (as the importance-weighted
+        bound decodes them). A plain model ignores both. For images from latents alone use
+        :meth:`generate`.
+        """
+        params = self._decode_for(z, None if x is None else tuple(x.shape[2:]))
+        if self.autoregressive is None:
+            return params
+        if context is None:
+            if x is None:
+                raise ModelError(
+                    "this model's decoder is autoregressive (model.autoregressive_channels > 0): p(x|z) needs the "
+                    "image x it scores; call decode(z, x) or decode(z, context=model.context(x)), or "
+                    "model.generate(z) to draw images"
+                )
+            context = self.context(x)
+        return add_context(params, context)
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in the data range for latents ``z``: the likelihood's mean of ``decode(z)`` for a plain
+        decoder; for an autoregressive one, a pixel-by-pixel draw, shown as each pixel's probability
+        given its drawn past (``generator`` drives the draw)."""
+        if self.autoregressive is None:
+            return self.likelihood.mean(self.decode(z))
+        return sample_autoregressive(self.autoregressive, self._decode_for(z, None), generator)
 
     def latent_shape_for(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
         """The latent shape (C, h, w) of an ``image_hw`` (H, W) input (``latent_shape`` for ``image_size``)."""
@@ -449,7 +513,7 @@ class ConvVAE(nn.Module):
         z, kl, kl_per_channel = reparam_kl(
             mu, logvar, generator=generator, return_per_channel=True, impl=self.config.reparam
         )
-        params = self._decode_for(z, tuple(x.shape[2:]))
+        params = self.decode(z, target)
         recon_nll = -self.likelihood.log_prob(target, params)
         return VAEOutput(
             recon_nll=recon_nll,
@@ -468,10 +532,15 @@ class ConvVAE(nn.Module):
             raise ValueError(f"sample needs n >= 1 and temperature >= 0, got n={n}, temperature={temperature}")
         device = next(self.parameters()).device
         z = torch.randn((n, *self.latent_shape), generator=generator, device=device) * temperature
-        return self.likelihood.mean(self.decode(z))
+        return self.generate(z, generator)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstructions: the likelihood's mean of ``decode(mu)`` (tiled when enabled)."""
-        mu, _ = self.encode(x)
-        return self.likelihood.mean(self._decode_for(mu, tuple(x.shape[2:])))
+        """Deterministic reconstructions: the likelihood's mean of ``decode(mu, x)`` (tiled when enabled).
+
+        For an autoregressive decoder that is each pixel's probability given ``mu`` and
+        the input's own earlier pixels (what the likelihood scores), not a free draw.
+        """
+        net_input, target = self._prepare(x)
+        mu, _ = self._encode_net(net_input)
+        return self.likelihood.mean(self.decode(mu, target))

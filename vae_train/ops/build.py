@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import sysconfig
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,7 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> BuildPlan:
         return plan(True)
     build_plan = plan(with_cuda)
     build_plan.build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_plan.build_dir)
     _put_ninja_on_path()
     try:
         cpp_extension.load(
@@ -208,6 +210,26 @@ def build(with_cuda: bool | None = None, verbose: bool = False) -> BuildPlan:
             f"building the fused reparam/KL op failed in {build_plan.build_dir}: {exc}".rstrip()
         ) from exc
     return build_plan
+
+
+STALE_LOCK_S = 900.0  # a build takes about a minute on 2 cores (several with CUDA archs): older locks are orphans
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """Remove cpp_extension's build lock when a killed build left it behind.
+
+    cpp_extension waits for its lock file without limit, so a process killed mid-build
+    (preemption during the first start) would make every later start hang. A lock
+    untouched for :data:`STALE_LOCK_S` is such an orphan.
+    """
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"removing the stale build lock {lock} ({age:.0f} s old: a build was killed)", stacklevel=2)
+        lock.unlink(missing_ok=True)
 
 
 def _summary(exc: BaseException) -> str:
