@@ -26,7 +26,6 @@ with ``--normal-classes``, prints AUROC and AUPRC of every score.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -82,7 +81,7 @@ def run_score(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from vae_train.commands.evaluate import _check_count, _load, _output_path, _settings
+    from vae_train.commands.evaluate import _check_count, _load, _output_path, _settings, process_group
     from vae_train.distributed import detect_launch_env
 
     if args.iw_samples is not None:
@@ -99,7 +98,7 @@ def run_score(args: argparse.Namespace) -> int:
         hist = _output_path(args.hist or str(Path(args.out).with_suffix("")) + "_hist.png", "the histogram")
         metrics_out = _output_path(args.metrics_out, "the score metrics") if args.metrics_out else None
     cfg = _settings(args)
-    with _process_group(env, cfg, args.device) as device:
+    with process_group(args, cfg, env) as device:
         model = _load(args, cfg, device)
         fit = fit_normal(args, cfg, model, normal, env.rank, env.world_size) if args.fit_data else None
         rows = score_rows(args, cfg, model, fit, env.rank, env.world_size)
@@ -139,27 +138,6 @@ def _describe(name: str, iw_samples: int | None) -> str:
 
 
 # -- process group ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _process_group(env: Any, cfg: "Config", device_name: str) -> Iterator["torch.device"]:
-    """The device to score on; under a multi-process launcher, with the process group up meanwhile."""
-    import torch.distributed as dist
-
-    from vae_train.commands.evaluate import _device
-    from vae_train.distributed import init_process_group
-    from vae_train.engine import choose_device
-
-    if env.world_size == 1:
-        yield _device(device_name)
-        return
-    device, backend = choose_device(env, cfg.distributed.backend)
-    started = init_process_group(env, backend, device, cfg.distributed.timeout_s)
-    try:
-        yield device
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 # -- the passes ---------------------------------------------------------------------------------

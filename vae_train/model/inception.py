@@ -24,7 +24,6 @@ global average pool of the last block.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_train.model.errors import ModelError
+from vae_train.model.weights_file import sha256_prefix
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 _FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the name ends with the file's SHA-256 prefix
@@ -268,13 +268,7 @@ def load_fid_inception(path: str | os.PathLike[str] | None = None, device: torch
             f"{str(file)!r} is not the FID Inception state dict ({FID_WEIGHTS_NAME}): {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} with other shapes {wrong[:3]}")
     net.load_state_dict(state, strict=True)
-    net.published_weights = file.name == FID_WEIGHTS_NAME and _sha256_prefix(file) == _FID_WEIGHTS_SHA256_PREFIX
+    net.published_weights = file.name == FID_WEIGHTS_NAME and sha256_prefix(file) == _FID_WEIGHTS_SHA256_PREFIX
     return net.to(device)
 
 
-def _sha256_prefix(path: Path, size: int = 8) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:size]

@@ -33,7 +33,6 @@ that are not comparable with published ones, and says so.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae_train.model.errors import ModelError
+from vae_train.model.weights_file import sha256_prefix
 
 VGG16_FILE = "vgg16-397923af.pth"
 """torchvision's ImageNet VGG16 weights; the suffix is the first 8 hex digits of the file's SHA-256."""
@@ -112,14 +112,6 @@ def _vgg16_features() -> nn.Sequential:
             layers += [nn.Conv2d(width, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
             width = int(item)
     return nn.Sequential(*layers)
-
-
-def _sha256_prefix(path: Path, size: int = 8) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:size]
 
 
 class LPIPS(nn.Module):
@@ -207,7 +199,7 @@ def build_lpips(backbone_path: str | None) -> LPIPS:
         if weight is None or tuple(weight.shape) != (1, width, 1, 1):
             raise PerceptualWeightsError(f"{heads_file} lacks the linear head lin{index} of shape (1, {width}, 1, 1)")
         heads.append(weight.float())
-    imagenet = path.name == VGG16_FILE and _sha256_prefix(path) == _VGG16_SHA256_PREFIX
+    imagenet = path.name == VGG16_FILE and sha256_prefix(path) == _VGG16_SHA256_PREFIX
     return LPIPS(features, heads, imagenet, str(path))
 
 
