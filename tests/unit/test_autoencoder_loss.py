@@ -14,11 +14,15 @@ from vae_train.losses import (
     discriminator_loss,
     generator_adv_loss,
 )
-from vae_train.model import ConvVAE
+from vae_train.model import ConvVAE, build_model
 from vae_train.model.discriminator import PatchDiscriminator
 
 TINY = ModelConfig(in_channels=3, image_size=16, base_channels=8, channel_mult=[1, 2], latent_channels=4,
                    norm_groups=4, likelihood="gaussian_fixed", reparam="reference")
+# The objective reads the model only through its interface (x_params, last_decoder_layer): both architectures.
+LDM_TINY = ModelConfig(arch="ldm", in_channels=3, image_size=16, block_out_channels=[8, 16], layers_per_block=1,
+                       norm_num_groups=4, latent_channels=4, likelihood="gaussian_fixed", reparam="reference")
+ARCHS = pytest.mark.parametrize("model_cfg", [TINY, LDM_TINY], ids=["convvae", "ldm"])
 
 
 @pytest.mark.parametrize("kind", ["hinge", "vanilla"])
@@ -37,9 +41,10 @@ def test_adversarial_signs(kind: str) -> None:
         assert generator_adv_loss(torch.full((1,), -3.0), kind) == pytest.approx(torch.nn.functional.softplus(torch.tensor(3.0)).item())
 
 
-def test_adaptive_weight_matches_autograd_in_float64() -> None:
+@ARCHS
+def test_adaptive_weight_matches_autograd_in_float64(model_cfg: ModelConfig) -> None:
     torch.manual_seed(0)
-    model = ConvVAE(TINY).double()
+    model = build_model(model_cfg).double()
     disc = PatchDiscriminator(3, channels=8, layers=2).double()
     tap = LastLayerTap(model.last_decoder_layer())
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
@@ -57,13 +62,14 @@ def test_adaptive_weight_matches_autograd_in_float64() -> None:
     assert not got.requires_grad
 
 
-def test_lpips_term_reaches_the_decoder(random_vgg16) -> None:
+@ARCHS
+def test_lpips_term_reaches_the_decoder(random_vgg16, model_cfg: ModelConfig) -> None:
     """The anchors' bug: LPIPS computed under no_grad trains nothing. Here it moves decoder gradients."""
     from vae_train.model.perceptual import build_lpips
 
     lpips = build_lpips(str(random_vgg16))
     torch.manual_seed(0)
-    model = ConvVAE(TINY)
+    model = build_model(model_cfg)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
 
     def decoder_grad(perceptual_weight: float) -> torch.Tensor:
