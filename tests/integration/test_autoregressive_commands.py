@@ -53,7 +53,7 @@ def _first_images(checkpoint: Path, shards: Path, n: int) -> torch.Tensor:
     """The first ``n`` images of the stream the commands read (binarized once, fixed seed)."""
     from vae_train.commands.evaluate import _load, _settings, _stream, _take
 
-    args = argparse.Namespace(checkpoint=str(checkpoint), data=str(shards), batch_size=n, binarize="auto",
+    args = argparse.Namespace(checkpoint=str(checkpoint), data=str(shards), batch_size=n, binarize="auto", weights="auto",
                               config=None, overrides=["data.num_workers=0"])
     cfg = _settings(args)
     model = _load(args, cfg, torch.device("cpu"))
