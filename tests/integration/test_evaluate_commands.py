@@ -101,7 +101,10 @@ def test_eval_exactly_once_with_two_ranks(tiny_run: TinyRun, tmp_path: Path) -> 
     assert two["active_units"] == single["active_units"]
     assert two["psnr_db"] == pytest.approx(single["psnr_db"], rel=1e-9)
     assert two["ssim"] == pytest.approx(single["ssim"], rel=1e-9)
-    assert two["nelbo_nats"] == pytest.approx(single["nelbo_nats"], abs=2.0)  # other noise per rank
+    assert two["kl_nats"] == pytest.approx(single["kl_nats"], rel=1e-6)  # analytic (float32 per image): no noise
+    # One posterior draw per image, other noise per rank: the reconstruction term differs by sampling noise
+    # only (its mean over 300 images has a standard deviation of about a nat here).
+    assert two["nelbo_nats"] == pytest.approx(single["nelbo_nats"], abs=5.0)
 
 
 def _png_size(path: Path) -> tuple[int, int]:
