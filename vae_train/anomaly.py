@@ -18,13 +18,16 @@ normal data, of a :class:`NormalFit` made from the model's terms on normal
 ``knn``         mean Euclidean distance of ``mu(x)`` to the posterior means of its
                 :data:`KNN_K` nearest normal images (no Gaussian shape assumed: a class
                 with several modes, e.g. bags with and without handles, keeps them).
-``combined``    ``z(knn) + z(recon - png)``: the latent distance plus the complexity-corrected
-                reconstruction error of the posterior mean (deterministic, unlike the sampled
-                ELBO), each z-normalised by its mean and standard deviation over the normal
-                images: an image far from the normal data in latent space *or* explained
-                worse than its compressed size predicts is flagged.
+``combined``    ``z(latent) + z(knn) + z(recon - png)``: the two latent distances plus the
+                complexity-corrected reconstruction error of the posterior mean (deterministic,
+                unlike the sampled ELBO), each z-normalised by its mean and standard deviation
+                over the normal images: an image far from the normal data in latent space (under
+                a Gaussian *or* among its nearest neighbours) or explained worse than its
+                compressed size predicts is flagged. The three terms err on different classes
+                (``benchmarks/anomaly.py``: the latent distances on shirts, the complexity term
+                on trousers and sneakers), so their sum is the strongest score there.
 
-Why the last two: likelihood scores rank images with few "on" pixels (sandals,
+Why the last three: likelihood scores rank images with few "on" pixels (sandals,
 trousers) as normal under any model (Nalisnick et al. 2019); the complexity
 correction removes part of that bias; distances to the normal class, in pixel
 space and in the latent space, do not have it at all.
@@ -49,7 +52,7 @@ SCORES: dict[str, str] = {
     "complexity": "NLL (iw if computed, else nelbo) minus the PNG size of the scored image (nats)",
     "latent": "squared Mahalanobis distance of mu(x) from the normal images' posterior means",
     "knn": "mean distance of mu(x) to the posterior means of its 5 nearest normal images",
-    "combined": "z(knn) + z(recon - png), z-normalised on the normal images",
+    "combined": "z(latent) + z(knn) + z(recon - png), z-normalised on the normal images",
 }
 DEFAULT_SCORE = "combined"
 NEEDS_FIT = ("latent", "knn", "combined")
@@ -198,7 +201,7 @@ class NormalFit:
         scores = base_scores(terms)
         scores["latent"] = self.gaussian.distance(terms["mu"])
         scores["knn"] = knn_distance(self.bank, terms["mu"])
-        scores["combined"] = self.z(scores, "knn") + self.z(scores, "recon_png")
+        scores["combined"] = self.z(scores, "latent") + self.z(scores, "knn") + self.z(scores, "recon_png")
         return scores
 
     def z(self, scores: dict[str, torch.Tensor], name: str) -> torch.Tensor:
