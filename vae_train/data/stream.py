@@ -51,7 +51,8 @@ hold state that cannot be saved):
   No sample counts are needed, so shards made elsewhere (a brace pattern without
   an index.json) train as they are.
 
-**Aspect-ratio buckets** (``data.aspect_buckets``, :mod:`vae_train.data.buckets`):
+**Aspect-ratio buckets** (``data.aspect_buckets``, :mod:`vae_train.data.buckets`; ``auto``
+keeps the shapes the sources' index.json aspect-ratio histograms map images to):
 each sample read goes, by its image header's aspect ratio, to the nearest bucket's
 pending list, and a bucket that holds a micro-batch is decoded to its shape and
 emitted, so every batch has one shape. Rare buckets wait rather than drop or repeat
