@@ -579,6 +579,8 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
         raise StageFailure("the loss is not finite", result)
     if tokenizer and result["discriminator"] and not math.isfinite(result["last_terms"]["d_loss"]):
         raise StageFailure("the discriminator's loss is not finite", result)
+    if result.get("own_loss_scalers") is False:
+        raise StageFailure("the discriminator's engine shares the autoencoder's fp16 loss scaler", result)
     return result
 
 

@@ -13,8 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.integration.trainer_runs import assert_same_tensors, killed, ok, reap, start_train, weights
@@ -158,6 +161,33 @@ def test_adaptive_weight_is_the_same_under_zero3_and_zero0_and_ema_matches_float
         load_model(tmp_path / "export", weights="ema")
 
 
+def test_bf16_run_trains_the_discriminator_in_its_own_bf16_engine(fashion_shards, tmp_path):
+    """distributed.precision=bf16 on the CPU (DeepSpeed refuses fp16 here: the GPU check covers it), 2 ranks,
+    ZeRO-2, the discriminator from step 0: both engines hold bf16 weights, every step applies both updates,
+    the adaptive weight and the GAN terms are finite, and the EMA stays fp32."""
+    run = tmp_path / "run"
+    ok(start_train(fashion_shards, run, *TOKENIZER, "distributed.precision=bf16", "distributed.zero_stage=2",
+                   "train.max_steps=3", "loss.disc_start=0", "checkpoint.every_steps=1"))
+    assert json.loads((run / "run_info.json").read_text())["precision"] == "bf16"
+    rows = _rows(run)
+    for step in (1, 2, 3):
+        row = rows[step]
+        assert row["adaptive_weight"] > 0 and row["d_loss"] > 0, row
+        assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss", "g_loss", "d_loss", "logits_real", "logits_fake"))
+        assert row["skipped_steps"] == 0 and row["disc_skipped_steps"] == 0, row
+    with restricted_torch_load():
+        module = torch.load(_ckpt(run, 3) / "disc" / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=True)["module"]
+    assert {v.dtype for v in module.values() if v.is_floating_point()} == {torch.bfloat16}
+    discs = [disc_weights(_ckpt(run, s)) for s in (1, 2, 3)]
+    for before, after in zip(discs, discs[1:]):
+        assert all(not torch.equal(before[k], after[k]) for k in after), "a discriminator step left weights unchanged"
+    states = ema_states(_ckpt(run, 3))
+    assert {t.dtype for t in states[0]["tensors"].values()} == {torch.float32}
+    raw = weights(_ckpt(run, 3))
+    assert any(not torch.equal(states[0]["tensors"][k], raw[k]) for k in raw)
+
+
 def test_checkpoint_without_discriminator_is_refused_unless_a_fresh_one_is_asked(fashion_shards, tmp_path):
     run = tmp_path / "run"
     no_disc = [o for o in TOKENIZER if not o.startswith("loss.disc_weight")]
@@ -178,3 +208,53 @@ def test_perceptual_weight_without_backbone_weights_stops_at_start_up(fashion_sh
     assert result.returncode != 0
     assert "loss.lpips_backbone_path" in result.stdout and str(tmp_path / "empty") in result.stdout
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def _command_outputs(checkpoint: Path, shards: Path, out: Path, weights: str | None) -> dict[str, object]:
+    """What each model-reading command writes for ``checkpoint`` (``--weights`` when given): the
+    eval metrics, the sample / reconstruct / interpolate grids' pixels, the score CSV's text."""
+    out.mkdir(parents=True)
+    common = ["--checkpoint", str(checkpoint), *(["--weights", weights] if weights else [])]
+    data = ["--data", str(shards), "--batch-size", "16"]
+    argvs = {
+        "eval": ["eval", *common, *data, "--max-batches", "1", "--out", str(out / "eval.json")],
+        "sample": ["sample", *common, "--n", "4", "--seed", "3", "--out", str(out / "sample.png")],
+        "reconstruct": ["reconstruct", *common, *data, "--n", "4", "--out", str(out / "reconstruct.png")],
+        "interpolate": ["interpolate", *common, *data, "--pairs", "2", "--steps", "3", "--out", str(out / "interpolate.png")],
+        "score": ["score", *common, *data, "--max-images", "16", "--out", str(out / "score.csv")],
+    }
+    for name, argv in argvs.items():
+        assert main([*argv, "data.num_workers=0"]) == 0, name
+    metrics = json.loads((out / "eval.json").read_text())
+    metrics.pop("checkpoint")
+    outputs: dict[str, object] = {"eval": metrics, "score": (out / "score.csv").read_text()}
+    for name in ("sample", "reconstruct", "interpolate"):
+        outputs[name] = np.asarray(Image.open(out / f"{name}.png"))
+    return outputs
+
+
+def _same(a: object, b: object) -> bool:
+    return bool(np.array_equal(a, b)) if isinstance(a, np.ndarray) else a == b
+
+
+def test_commands_use_the_ema_weights_by_default_and_the_raw_ones_on_request(reference, fashion_shards, tmp_path):
+    """eval, sample, reconstruct, interpolate, score and export: ``--weights ema`` (the default when the
+    checkpoint has an EMA) and ``--weights raw`` give what the model ``load_model`` builds with that
+    choice gives (through an export of it), and the two differ."""
+    ckpt = _ckpt(reference / "run", STEPS)  # ZeRO-2, 2 ranks, EMA decay 0.9 since step 0
+    got = {choice: _command_outputs(ckpt, fashion_shards, tmp_path / f"ckpt-{choice}", None if choice == "default" else choice)
+           for choice in ("default", "ema", "raw")}
+    for choice in ("ema", "raw"):
+        export = tmp_path / f"export-{choice}"
+        assert main(["export", str(ckpt), "--out", str(export), "--weights", choice]) == 0
+        assert_same_tensors(load_model(ckpt, weights=choice).state_dict(), load_model(export).state_dict(),
+                            f"export --weights {choice} vs load_model(weights={choice!r})")
+        want = _command_outputs(export, fashion_shards, tmp_path / f"export-out-{choice}", None)
+        for name, value in want.items():
+            assert _same(got[choice][name], value), f"{name} --weights {choice} differs from its export's"
+    default_export = tmp_path / "export-default"
+    assert main(["export", str(ckpt), "--out", str(default_export)]) == 0
+    assert json.loads((default_export / "config.json").read_text())["weights"] == "ema"
+    for name in got["ema"]:
+        assert _same(got["default"][name], got["ema"][name]), f"{name}: the default is not the EMA"
+        assert not _same(got["raw"][name], got["ema"][name]), f"{name}: --weights raw gives the EMA's output"
