@@ -86,6 +86,36 @@ def test_discriminator_is_still_before_disc_start_and_trains_after(reference):
     assert all(rows[s]["adaptive_weight"] > 0 and rows[s]["d_loss"] > 0 for s in range(DISC_START + 1, STEPS + 1))
 
 
+def test_every_term_validation_of_both_weights_and_the_difference_grid_are_logged(reference):
+    """TensorBoard has every term of the objective, validation of the raw (val/) and EMA (val_ema/) weights,
+    and the input | reconstruction | amplified-difference grid, whose third panel is DIFF_GAIN x |input - recon|."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vae_train.autoencoder_step import TERMS
+    from vae_train.logging import DIFF_GAIN
+
+    run = reference / "run"
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {f"train/{t}" for t in (*TERMS, "disc_skipped_steps")} <= scalars, {f"train/{t}" for t in TERMS} - scalars
+    assert {"val/psnr_db", "val/ssim", "val_ema/psnr_db", "val_ema/ssim"} <= scalars
+    val = {p: events.Scalars(f"{p}/psnr_db")[-1] for p in ("val", "val_ema")}
+    assert val["val"].step == val["val_ema"].step == STEPS and val["val"].value != val["val_ema"].value
+    assert any("input_recon_diff" in tag for tag in events.Tags()["images"])
+    grid = np.asarray(Image.open(run / "input_recon_diff.png")).astype(np.int32)
+    size, pad = 28, 2  # configs/tiny.yaml's images, logging.image_grid's padding
+    assert grid.shape[1] == 3 * (size + pad) + pad
+    rows = (grid.shape[0] - pad) // (size + pad)
+    assert rows >= 2
+    for row in range(rows):
+        top = pad + row * (size + pad)
+        x, r, d = (grid[top:top + size, pad + c * (size + pad):pad + c * (size + pad) + size, 0] for c in range(3))
+        # [-1, 1] images as 0..255: the difference panel shows lo + 4 |x - r|, i.e. 4 |x - r| levels
+        expected = np.clip(DIFF_GAIN * np.abs(x - r), 0, 255)
+        assert np.abs(d - expected).max() <= 2 * DIFF_GAIN + 1, row  # the panels' own uint8 rounding
+
+
 def test_sigkill_after_a_commit_resumes_bitwise_with_discriminator_and_ema(reference, fashion_shards, tmp_path):
     run = tmp_path / "run"
     common = (*TOKENIZER, "distributed.zero_stage=2", f"train.max_steps={STEPS}", f"loss.disc_start={DISC_START}",
