@@ -247,7 +247,9 @@ class DataConfig(Section):
         default_factory=list,
         description="Aspect-ratio buckets for training: a list of [H, W] shapes (each divisible by the model's "
         "downsampling factor), or auto (shapes of about model.image_size's pixel area with aspect ratios from 1:2 to "
-        "2:1). Each training image goes to the bucket nearest its aspect ratio and every batch holds one shape. "
+        "2:1, keeping those some training image is nearest to by the aspect-ratio histograms in the shards' "
+        "index.json; all of them when the index has none). Each training image goes to the bucket nearest its aspect "
+        "ratio and every batch holds one shape. "
         "Empty = off (every image is model.image_size). Validation stays at model.image_size.",
     )
     classes: list[int] = Field(

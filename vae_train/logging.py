@@ -91,10 +91,18 @@ def diff_grid(inputs: torch.Tensor, recons: torch.Tensor, value_range: tuple[flo
     return image_grid(torch.stack([x, r, diff], dim=1).flatten(0, 1), value_range, ncol=3)
 
 
-def save_png(grid: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB ``uint8`` grid as PNG (creating the directory)."""
+def save_png(grid: np.ndarray, path: str | Path, *, min_width: int = 0) -> Path:
+    """Write an RGB ``uint8`` grid ``[H, W, 3]`` as PNG (creating the directory).
+
+    A grid narrower than ``min_width`` pixels is enlarged by the smallest whole factor
+    that reaches it, each pixel becoming a square block (no interpolation blurs binary
+    pixels): a grid of 28x28 images is ~240 px wide, too small to see on a screen.
+    """
     from PIL import Image
 
+    if min_width > grid.shape[1]:
+        factor = -(-min_width // grid.shape[1])
+        grid = grid.repeat(factor, axis=0).repeat(factor, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)

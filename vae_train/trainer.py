@@ -68,6 +68,8 @@ from vae_train.preemption import PreemptionHandler, requeue_if_slurm
 from vae_train.schedules import build_beta_schedule
 
 GRID_IMAGES = 16
+PNG_MIN_WIDTH = 960
+"""The end-of-run PNGs in ``run_dir`` are enlarged to at least this width (TensorBoard keeps the grids as they are)."""
 ELBO_TERMS = ("loss", "recon", "kl")
 """Names of :attr:`StepResult.sums` (the autoencoder objective's are ``autoencoder_step.TERMS``)."""
 
@@ -503,9 +505,9 @@ def _final_grids(engine: Engine, logger: RunLogger, probe: torch.Tensor, value_r
     grids = _image_grids(engine, probe, value_range, cfg.seed, ema)
     logger.images(step, grids)
     if engine.env.rank == 0:
-        save_png(grids["samples"], Path(cfg.run_dir) / "samples.png")
-        save_png(grids["reconstructions"], Path(cfg.run_dir) / "reconstructions.png")
-        save_png(grids["input_recon_diff"], Path(cfg.run_dir) / "input_recon_diff.png")
+        save_png(grids["samples"], Path(cfg.run_dir) / "samples.png", min_width=PNG_MIN_WIDTH)
+        save_png(grids["reconstructions"], Path(cfg.run_dir) / "reconstructions.png", min_width=PNG_MIN_WIDTH)
+        save_png(grids["input_recon_diff"], Path(cfg.run_dir) / "input_recon_diff.png", min_width=PNG_MIN_WIDTH)
 
 
 def _write_run_info(cfg: Config, engine: Engine, num_parameters: int, resumed_from: str | None,

@@ -17,7 +17,8 @@ The library knows nothing of this: every fault wraps a public seam --
 ``dump_at_save``   [N, ...]: when checkpoint N is saved, first dump the whole training state to
                    ``out/saved-N.safetensors`` (see :func:`full_state` and :func:`_dump`: every
                    DeepSpeed part, e.g. the discriminator, and the EMA)
-``dump_after_load`` true: right after a resume's load, dump to ``out/loaded.safetensors`` and exit 0
+``dump_after_load`` true: right after a resume's load, dump to ``out/loaded.safetensors`` and exit 0;
+                   ``"continue"``: dump, then train on as usual
 ``pauses``         [{"step": K, "touch": NAME, "wait": NAME?}, ...]: before optimizer step K
                    (0-based) every rank writes its pid to ``out/NAME.rankR`` and, with ``wait``,
                    blocks until ``out/WAIT`` exists
@@ -154,7 +155,9 @@ def _install() -> None:
             _dump(engines, states, "loaded.safetensors")
             if _rank() == 0:
                 print(f"fault_train: loaded step {resumed.step} elastic={resumed.elastic}; state dumped", flush=True)
-            raise SystemExit(0)
+            if FAULTS["dump_after_load"] != "continue":
+                raise SystemExit(0)
+            return resumed
 
         manager_cls.load = load
 

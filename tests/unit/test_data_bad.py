@@ -144,6 +144,14 @@ def test_every_sample_rejected_is_an_error(tmp_path: Path) -> None:
         next(stream)
 
 
+def test_every_sample_rejected_in_buckets_is_an_error(tmp_path: Path) -> None:
+    """The bucketed loop counts the same rejections in a row (headers readable, sizes that fit no bucket)."""
+    _shard(tmp_path / "train-000000.tar", "s", 300, {i: {"png": _png(1, 16)} for i in range(300)})
+    stream = _train(DataConfig(train=f"{tmp_path}/train-000000.tar", num_workers=0, aspect_buckets=[[28, 28]]))
+    with pytest.raises(DataError, match="256 samples in a row were rejected.*data.aspect_buckets"):
+        next(stream)
+
+
 def test_shard_deleted_after_start_is_skipped(tmp_path: Path) -> None:
     _shard(tmp_path / "train-000000.tar", "a", 20)
     _shard(tmp_path / "train-000001.tar", "b", 20)

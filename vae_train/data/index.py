@@ -12,7 +12,8 @@ Layout::
      "meta": {...how the shards were made...},
      "splits": {"train": {"num_samples": 54000,
                           "shards": [{"name": "train-000000.tar", "num_samples": 5000,
-                                      "bytes": 10240000, "sha256": "..."}, ...]},
+                                      "bytes": 10240000, "sha256": "...",
+                                      "aspect_ratios": {"1.5": 3100, "0.6667": 1900}}, ...]},
                 "val": {...}, "test": {...}}}
 
 Shard names are relative to the directory (or S3 prefix, or URL) holding index.json.
@@ -32,12 +33,24 @@ INDEX_FORMAT = "vae-train-shards/1"
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """One written shard: its name relative to the index, sample count, size and content hash."""
+    """One written shard: its name relative to the index, sample count, size and content hash.
+
+    ``aspect_ratios`` counts the shard's images by width / height (see
+    :func:`vae_train.data.buckets.ratio_key`), read from their headers when the shard
+    was written or scanned, so ``data.aspect_buckets: auto`` can keep the shapes the
+    data uses without opening a shard. None: not recorded (shards of something other
+    than images, or an index written before the field existed).
+    """
 
     name: str
     num_samples: int
     bytes: int
     sha256: str
+    aspect_ratios: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as index.json stores it (``aspect_ratios`` left out when unknown)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -65,7 +78,7 @@ class ShardIndex:
             "format": INDEX_FORMAT,
             "meta": self.meta,
             "splits": {
-                split: {"num_samples": self.num_samples(split), "shards": [asdict(s) for s in shards]}
+                split: {"num_samples": self.num_samples(split), "shards": [s.to_dict() for s in shards]}
                 for split, shards in sorted(self.splits.items())
             },
         }

@@ -5,7 +5,7 @@ Layout of the output (a directory or ``s3://bucket/prefix``)::
     train-000000.tar ... train-NNNNNN.tar   samples: KEY.png (+ KEY.cls when labelled)
     val-000000.tar ...                      carved from the train pool with --val-fraction
     test-000000.tar ...                     Fashion-MNIST only: the t10k files
-    index.json                              per-split shard names, sample counts, sha256
+    index.json                              per-split shard names, sample counts, sha256, aspect ratios
     prepare.json                            the plan (options + fingerprint): resume/overwrite check
 
 How shards are cut, and why:
@@ -61,6 +61,8 @@ PLAN_NAME = "prepare.json"
 SLICES_DIR = "_slices"
 SHARD_NAME = re.compile(r"^([A-Za-z0-9_]+)-(\d{6})\.tar$")
 _TAR_BLOCK = 512
+MAX_METADATA_RATIOS = 1536
+"""Longest aspect-ratio histogram (JSON bytes) stored in an S3 shard's metadata (S3 allows 2 KiB in all)."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,9 @@ class ShardOutput:
         info = self.store.head(name)
         if info is None or "sha256" not in info.metadata or "num-samples" not in info.metadata:
             return None
-        return ShardRecord(name, int(info.metadata["num-samples"]), info.size, info.metadata["sha256"])
+        ratios = info.metadata.get("aspect-ratios")
+        return ShardRecord(name, int(info.metadata["num-samples"]), info.size, info.metadata["sha256"],
+                           json.loads(ratios) if ratios else None)
 
     def delete_shards(self, names: list[str]) -> None:
         self.store.delete(names)
@@ -245,6 +249,9 @@ def upload_shard(store: Any, path: Path, record: ShardRecord) -> None:
     from vae_train.storage import retry
 
     metadata = {"sha256": record.sha256, "num-samples": str(record.num_samples)}
+    ratios = json.dumps(record.aspect_ratios, separators=(",", ":")) if record.aspect_ratios is not None else ""
+    if ratios and len(ratios) <= MAX_METADATA_RATIOS:  # else a resumed prepare indexes it without (auto uses all shapes)
+        metadata["aspect-ratios"] = ratios
     retry(lambda: store.put_file(path, record.name, metadata=metadata), what=f"uploading {record.name}")
     path.unlink()
 

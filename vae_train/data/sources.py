@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,10 +40,11 @@ SOURCE_SEPARATOR = " + "
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard URL and its sample count (None when no index told us)."""
+    """One shard URL, its sample count and its images' aspect-ratio histogram (None when no index told us)."""
 
     url: str
     num_samples: int | None
+    aspect_ratios: tuple[tuple[str, int], ...] | None = None  # index.json's {ratio key: images}, as pairs
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,17 @@ class Source:
         """Total samples, or None when any shard's count is unknown."""
         counts = [shard.num_samples for shard in self.shards]
         return None if any(c is None for c in counts) else sum(counts)  # type: ignore[misc]
+
+
+def aspect_ratios(sources: list[Source]) -> Counter[str] | None:
+    """The images' aspect-ratio histogram over all ``sources``; None when any shard's is unknown."""
+    shards = [shard for source in sources for shard in source.shards]
+    if any(shard.aspect_ratios is None for shard in shards):
+        return None
+    total: Counter[str] = Counter()
+    for shard in shards:
+        total.update(dict(shard.aspect_ratios))  # type: ignore[arg-type]
+    return total
 
 
 def fingerprint(sources: list[Source]) -> str:
@@ -121,7 +134,9 @@ def _is_pattern(path: str) -> bool:
 
 
 def _from_index(index: ShardIndex, split: str, join) -> list[Shard]:
-    shards = [Shard(join(record.name), record.num_samples) for record in index.shards(split)]
+    shards = [Shard(join(record.name), record.num_samples,
+                    None if record.aspect_ratios is None else tuple(sorted(record.aspect_ratios.items())))
+              for record in index.shards(split)]
     if not shards:
         raise DataError(f"split {split!r} of the index has no shards; re-run `vae-train prepare`")
     return shards

@@ -51,7 +51,8 @@ hold state that cannot be saved):
   No sample counts are needed, so shards made elsewhere (a brace pattern without
   an index.json) train as they are.
 
-**Aspect-ratio buckets** (``data.aspect_buckets``, :mod:`vae_train.data.buckets`):
+**Aspect-ratio buckets** (``data.aspect_buckets``, :mod:`vae_train.data.buckets`; ``auto``
+keeps the shapes the sources' index.json aspect-ratio histograms map images to):
 each sample read goes, by its image header's aspect ratio, to the nearest bucket's
 pending list, and a bucket that holds a micro-batch is decoded to its shape and
 emitted, so every batch has one shape. Rare buckets wait rather than drop or repeat
@@ -107,7 +108,7 @@ from vae_train.data.classes import MAX_CONSECUTIVE_FILTERED, check_labels_occur,
 from vae_train.data.buckets import nearest_bucket, resolve_buckets
 from vae_train.data.decode import SAMPLE_KINDS, DecodeSpec, SampleRejected, decode_sample, image_dimensions
 from vae_train.data.errors import DataError
-from vae_train.data.sources import Source, fingerprint, resolve_sources
+from vae_train.data.sources import Source, aspect_ratios, fingerprint, resolve_sources
 from vae_train.data.tario import RawSample, ShardReadError, iter_shard
 from vae_train.preemption import shield_worker_from_job_signals
 
@@ -258,57 +259,96 @@ def _batch(images: list[np.ndarray], keys: list[str], labels: list[int], mask: l
     return batch
 
 
+class _Reader:
+    """One logical worker's read position over its sources, shared by the plain and the bucketed batch loops.
+
+    :meth:`samples` draws a source per sample with the worker's generator (the sources'
+    mixing weights), reads on through its shard cursor and leaves out what
+    ``data.classes`` does not keep; the batch loops only decide what a batch is. The
+    same counters (skips, ``filtered``, rejections in a row) and the same state keys
+    (:meth:`snapshot`) then serve both, so the two loops cannot drift apart.
+    """
+
+    def __init__(self, plan: _Plan, worker: int, state: dict[str, Any], hint: str) -> None:
+        self.plan = plan
+        n_sources = len(plan.sources)
+        self.cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i])
+                        for i in range(n_sources)]
+        self.rng = np.random.default_rng([plan.seed, plan.rank, worker, _WORKER_RNG])
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
+        self.skips = _Skips(state.get("skipped"), plan.strict)
+        self.filtered = int(state.get("filtered", 0))
+        self._hint = hint  # what to check when the decoder keeps rejecting samples
+        self._rejected_in_row = 0
+
+    def samples(self) -> Iterator[tuple[int, str, str, dict[str, bytes]]]:
+        """(source index, shard url, key, members) of every sample ``data.classes`` keeps, forever."""
+        plan = self.plan
+        n_sources = len(plan.sources)
+        streams = [cursor.samples(self.skips) for cursor in self.cursors]
+        weights = np.asarray([s.weight for s in plan.sources], float)
+        weights /= weights.sum()
+        filtered_in_row = 0
+        while True:
+            s = int(self.rng.choice(n_sources, p=weights)) if n_sources > 1 else 0
+            url, (key, members) = next(streams[s])
+            if plan.classes and not keeps(plan.classes, key, members, url):
+                self.filtered, filtered_in_row = self.filtered + 1, filtered_in_row + 1
+                if filtered_in_row >= MAX_CONSECUTIVE_FILTERED:
+                    raise too_many_filtered(plan.classes, filtered_in_row, plan.sources[s].spec)
+                continue
+            filtered_in_row = 0
+            yield s, url, key, members
+
+    def rejected(self, url: str, key: str, rej: SampleRejected) -> None:
+        """Count a sample the decoder refused; too many in a row is an error naming what to check."""
+        self.skips.skip(url, rej.reason, f"sample {key!r} of shard {url}: {rej}")
+        self._rejected_in_row += 1
+        if self._rejected_in_row >= MAX_CONSECUTIVE_REJECTS:
+            raise DataError(
+                f"{self._rejected_in_row} samples in a row were rejected (last: {key!r} of {url}: {rej}); "
+                f"the data does not {self._hint} — see data.resize / data.random_crop or re-run "
+                "`vae-train prepare`") from None
+
+    def decode(self, url: str, key: str, members: dict[str, bytes], spec: DecodeSpec,
+               rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
+        """(image, label) of one sample, or None when the decoder refused it (counted by :meth:`rejected`)."""
+        try:
+            decoded = decode_sample(key, members, spec, rng)
+        except SampleRejected as rej:
+            self.rejected(url, key, rej)
+            return None
+        self._rejected_in_row = 0
+        return decoded
+
+    def snapshot(self) -> dict[str, Any]:
+        """The position after the samples read so far (JSON-serializable)."""
+        return {
+            "cursors": [[c.draw, c.pos] for c in self.cursors],
+            "rng": self.rng.bit_generator.state,
+            "skipped": dict(self.skips.counts),
+            "filtered": self.filtered,
+        }
+
+
 def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Iterator[tuple[Any, ...]]:
     """One logical worker's infinite batch stream; yields (batch, worker, state after the batch)."""
     if plan.buckets:
         yield from _bucketed_worker(plan, worker, state)
         return
-    n_sources = len(plan.sources)
-    state = state or {}
-    cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i])
-               for i in range(n_sources)]
-    rng = np.random.default_rng([plan.seed, plan.rank, worker, _WORKER_RNG])
-    if "rng" in state:
-        rng.bit_generator.state = state["rng"]
-    skips = _Skips(state.get("skipped"), plan.strict)
-    streams = [cursor.samples(skips) for cursor in cursors]
-    weights = np.asarray([s.weight for s in plan.sources], float)
-    weights /= weights.sum()
-    rejected_in_row = 0
-    filtered, filtered_in_row = int(state.get("filtered", 0)), 0
+    reader = _Reader(plan, worker, state or {}, "match the model (model.image_size, model.in_channels)")
+    samples = reader.samples()
     while True:
         images, keys, labels = [], [], []
         while len(images) < plan.batch_size:
-            s = int(rng.choice(n_sources, p=weights)) if n_sources > 1 else 0
-            url, (key, members) = next(streams[s])
-            if plan.classes and not keeps(plan.classes, key, members, url):
-                filtered, filtered_in_row = filtered + 1, filtered_in_row + 1
-                if filtered_in_row >= MAX_CONSECUTIVE_FILTERED:
-                    raise too_many_filtered(plan.classes, filtered_in_row, plan.sources[s].spec)
-                continue
-            filtered_in_row = 0
-            try:
-                image, label = decode_sample(key, members, plan.spec, rng)
-            except SampleRejected as rej:
-                skips.skip(url, rej.reason, f"sample {key!r} of shard {url}: {rej}")
-                rejected_in_row += 1
-                if rejected_in_row >= MAX_CONSECUTIVE_REJECTS:
-                    raise DataError(
-                        f"{rejected_in_row} samples in a row were rejected (last: {key!r} of {url}: {rej}); "
-                        "the data does not match the model (model.image_size, model.in_channels) — "
-                        "see data.resize / data.random_crop or re-run `vae-train prepare`") from None
-                continue
-            rejected_in_row = 0
-            images.append(image)
-            keys.append(key)
-            labels.append(label)
-        snapshot = {
-            "cursors": [[c.draw, c.pos] for c in cursors],
-            "rng": rng.bit_generator.state,
-            "skipped": dict(skips.counts),
-            "filtered": filtered,
-        }
-        yield _batch(images, keys, labels, field=plan.spec.field), worker, snapshot
+            _, url, key, members = next(samples)
+            decoded = reader.decode(url, key, members, plan.spec, reader.rng)
+            if decoded is not None:
+                images.append(decoded[0])
+                keys.append(key)
+                labels.append(decoded[1])
+        yield _batch(images, keys, labels, field=plan.spec.field), worker, reader.snapshot()
 
 
 def _sample_rng(plan: _Plan, worker: int, source: int, draw: int, pos: int) -> np.random.Generator:
@@ -365,49 +405,19 @@ def _bucketed_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> 
     reads back from its shard; each sample's crops, flips and binarization come from a
     generator seeded by its reference, so a restored sample decodes identically.
     """
-    n_sources = len(plan.sources)
     state = state or {}
-    cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i])
-               for i in range(n_sources)]
-    rng = np.random.default_rng([plan.seed, plan.rank, worker, _WORKER_RNG])
-    if "rng" in state:
-        rng.bit_generator.state = state["rng"]
-    skips = _Skips(state.get("skipped"), plan.strict)
+    reader = _Reader(plan, worker, state, "fit the aspect buckets (data.aspect_buckets, model.in_channels)")
     refs: list[list[Any]] = [list(ref) for ref in state.get("pending", [])]
     raws = _refetch(plan, worker, refs) if refs else []
-    streams = [cursor.samples(skips) for cursor in cursors]
-    weights = np.asarray([s.weight for s in plan.sources], float)
-    weights /= weights.sum()
     specs = [dataclasses.replace(plan.spec, image_size=shape) for shape in plan.buckets]
-    rejected_in_row = 0
-    filtered, filtered_in_row = int(state.get("filtered", 0)), 0
-
-    def rejected(url: str, key: str, rej: SampleRejected) -> None:
-        nonlocal rejected_in_row
-        skips.skip(url, rej.reason, f"sample {key!r} of shard {url}: {rej}")
-        rejected_in_row += 1
-        if rejected_in_row >= MAX_CONSECUTIVE_REJECTS:
-            raise DataError(
-                f"{rejected_in_row} samples in a row were rejected (last: {key!r} of {url}: {rej}); the data does "
-                "not fit the aspect buckets (data.aspect_buckets, model.in_channels) — see data.resize / "
-                "data.random_crop or re-run `vae-train prepare`") from None
-
-    while True:
-        s = int(rng.choice(n_sources, p=weights)) if n_sources > 1 else 0
-        url, (key, members) = next(streams[s])
-        if plan.classes and not keeps(plan.classes, key, members, url):
-            filtered, filtered_in_row = filtered + 1, filtered_in_row + 1
-            if filtered_in_row >= MAX_CONSECUTIVE_FILTERED:
-                raise too_many_filtered(plan.classes, filtered_in_row, plan.sources[s].spec)
-            continue
-        filtered_in_row = 0
+    for s, url, key, members in reader.samples():
         try:
             width, height = image_dimensions(members)
         except SampleRejected as rej:
-            rejected(url, key, rej)
+            reader.rejected(url, key, rej)
             continue
         bucket = nearest_bucket(width, height, plan.buckets)
-        refs.append([bucket, s, cursors[s].draw, cursors[s].pos, key])
+        refs.append([bucket, s, reader.cursors[s].draw, reader.cursors[s].pos, key])
         raws.append((url, (key, members)))
         waiting = [i for i, ref in enumerate(refs) if ref[0] == bucket]
         if len(waiting) < plan.batch_size:
@@ -415,30 +425,21 @@ def _bucketed_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> 
         images, keys, labels, used, dropped = [], [], [], [], []
         for i in waiting:
             ref, (src_url, (src_key, src_members)) = refs[i], raws[i]
-            try:
-                image, label = decode_sample(src_key, src_members, specs[bucket], _sample_rng(plan, worker, *ref[1:4]))
-            except SampleRejected as rej:
+            decoded = reader.decode(src_url, src_key, src_members, specs[bucket], _sample_rng(plan, worker, *ref[1:4]))
+            if decoded is None:
                 dropped.append(i)
-                rejected(src_url, src_key, rej)
                 continue
-            rejected_in_row = 0
-            images.append(image)
+            images.append(decoded[0])
             keys.append(src_key)
-            labels.append(label)
+            labels.append(decoded[1])
             used.append(i)
         done = set(dropped) | (set(used) if len(images) == plan.batch_size else set())
         refs = [ref for i, ref in enumerate(refs) if i not in done]
         raws = [raw for i, raw in enumerate(raws) if i not in done]
         if len(images) < plan.batch_size:
             continue  # a rejected sample left the bucket short: it fills up again
-        snapshot = {
-            "cursors": [[c.draw, c.pos] for c in cursors],
-            "rng": rng.bit_generator.state,
-            "skipped": dict(skips.counts),
-            "filtered": filtered,
-            "pending": [list(ref) for ref in refs],
-        }
-        yield _batch(images, keys, labels), worker, snapshot
+        snapshot = {**reader.snapshot(), "pending": [list(ref) for ref in refs]}
+        yield _batch(images, keys, labels, field=plan.spec.field), worker, snapshot
 
 
 class _WorkerDataset(IterableDataset):
@@ -662,8 +663,8 @@ def build_train_stream(
     identical batches. ``image_size`` is an int (square) or (H, W); with
     ``data.aspect_buckets`` each batch has one bucket's shape instead (``auto`` derives
     the shapes from ``image_size``, sides multiples of ``size_multiple``: the model's
-    downsampling factor).
-    identical batches. ``sample_kind="latents"`` reads latent shards of ``vae-train
+    downsampling factor, and keeps those the sources' index.json histograms map images to).
+    ``sample_kind="latents"`` reads latent shards of ``vae-train
     encode`` instead of images: ``channels`` x ``image_size``^2 is then the stored latent
     shape (index.json meta ``latent_shape``), batches carry ``latents`` instead of
     ``image``, and nothing is augmented.
@@ -679,7 +680,8 @@ def build_train_stream(
         spec=decode_spec(data_cfg, image_size, channels, value_range, train=True, kind=sample_kind),
         batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers,
         seed=seed, block_size=max(1, data_cfg.shuffle_buffer), strict=data_cfg.strict, s3_cfg=s3_cfg,
-        classes=classes, buckets=resolve_buckets(data_cfg.aspect_buckets, _hw(image_size), size_multiple),
+        classes=classes, buckets=resolve_buckets(data_cfg.aspect_buckets, _hw(image_size), size_multiple,
+                                                 aspect_ratios(sources) if data_cfg.aspect_buckets == "auto" else None),
     )
     return TrainStream(plan, timeout_s=data_cfg.timeout_s)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vae_train.data import s3_opener
+from vae_train.data.buckets import AspectCounter
 from vae_train.data.index import ShardRecord
 
 RawSample = tuple[str, dict[str, bytes]]
@@ -88,6 +89,7 @@ class ShardWriter:
         self._file = open(self._tmp, "wb")
         self._hasher = _HashingWriter(self._file)
         self._tar = tarfile.open(fileobj=self._hasher, mode="w|", format=tarfile.PAX_FORMAT)
+        self._aspects = AspectCounter()
         self.num_samples = 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
@@ -97,6 +99,7 @@ class ShardWriter:
         for ext in sorted(members):
             data = members[ext]
             self._tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self._aspects.add(members)
         self.num_samples += 1
 
     def commit(self) -> ShardRecord:
@@ -106,7 +109,8 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
-        return ShardRecord(self._record_name, self.num_samples, self._hasher.bytes, self._hasher.sha256.hexdigest())
+        return ShardRecord(self._record_name, self.num_samples, self._hasher.bytes, self._hasher.sha256.hexdigest(),
+                           self._aspects.histogram())
 
     def abort(self) -> None:
         """Drop the temporary file."""
@@ -157,11 +161,17 @@ def iter_shard(url: str) -> Iterator[RawSample]:
 
 
 def scan_shard(path: str | Path) -> ShardRecord:
-    """Count, size and hash an existing local shard (for resuming prepare and indexing old shards)."""
+    """Count, size, hash and measure (aspect ratios) an existing local shard: the record its writer returned.
+
+    For resuming prepare and for indexing shards made elsewhere.
+    """
     path = Path(path)
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
-    count = sum(1 for _ in iter_shard(str(path)))
-    return ShardRecord(path.name, count, path.stat().st_size, sha.hexdigest())
+    aspects, count = AspectCounter(), 0
+    for _key, members in iter_shard(str(path)):
+        aspects.add(members)
+        count += 1
+    return ShardRecord(path.name, count, path.stat().st_size, sha.hexdigest(), aspects.histogram())
