@@ -26,6 +26,8 @@ stage that crashes, hangs or runs long leaves the report of every other one inta
   them) + KL + the PatchGAN in its own DeepSpeed engine from the first step
   (``loss.disc_start=0``) + the EMA update; ``train:tokenizer_tiny:fp16`` proves each
   engine's own fp16 loss scaler.
+- ``tokenizer_step``: ``benchmarks/tokenizer_step.py`` on the device: one step of the full autoencoder
+  objective against reconstruction-only (and + LPIPS) at 64x64, as ratios.
 
 Writes ``gpu_check.json`` (every stage: status, seconds, limit, error, result) and
 ``gpu_check.log`` (every stage's output) into ``--out``, and prints one table.
@@ -101,18 +103,21 @@ class Sizes:
     tokenizer_batch: int
     tokenizer_image: int
     compile_backend: str  # torch.compile's: inductor on the GPU; the dry run only checks the path
+    objective_batch: int  # tokenizer_step: benchmarks/tokenizer_step.py's 64x64 batch, timed steps, rounds
+    objective_steps: int
+    objective_rounds: int
 
 
 GPU_SIZES = Sizes(matmul_n=8192, copy_bytes=2 << 30, op_shape=(128, 16, 128, 128), op_reps=30, noise_n=1 << 24,
                   steps=300, warmup=10, max_train_s=30.0, fashion_batch=128, tokenizer_batch=32, tokenizer_image=256,
-                  compile_backend="inductor")
+                  compile_backend="inductor", objective_batch=32, objective_steps=10, objective_rounds=3)
 DRY_SIZES = Sizes(matmul_n=256, copy_bytes=16 << 20, op_shape=(8, 4, 16, 16), op_reps=3, noise_n=1 << 12,
                   steps=3, warmup=1, max_train_s=20.0, fashion_batch=8, tokenizer_batch=2, tokenizer_image=32,
-                  compile_backend="aot_eager")
+                  compile_backend="aot_eager", objective_batch=1, objective_steps=1, objective_rounds=1)
 
 # Time limits (s) per stage on the GPU; the whole check also stops at --budget-s.
-GPU_LIMITS = {"env": 60, "build": 180, "op_tests": 150, "op_bench": 120, "train": 75}
-DRY_LIMITS = {"env": 120, "build": 300, "op_tests": 300, "op_bench": 200, "train": 300}
+GPU_LIMITS = {"env": 60, "build": 180, "op_tests": 150, "op_bench": 120, "train": 75, "tokenizer_step": 60}
+DRY_LIMITS = {"env": 120, "build": 300, "op_tests": 300, "op_bench": 200, "train": 300, "tokenizer_step": 200}
 
 
 @dataclass
@@ -584,9 +589,26 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     return result
 
 
+def stage_tokenizer_step(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
+    """The autoencoder objective's cost (issue 15): ``benchmarks/tokenizer_step.py``'s three objectives
+    (reconstruction only, + LPIPS, full) on one model at 64x64, interleaved, as ratios to reconstruction-only."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenizer_step", ROOT / "benchmarks" / "tokenizer_step.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.measure(_device(args), sizes.objective_batch, sizes.objective_steps, sizes.objective_rounds)
+    base = rows[0][1]
+    return {"image_size": 64, "batch": sizes.objective_batch, "steps": sizes.objective_steps,
+            "rounds": sizes.objective_rounds,
+            "variants": [{"name": name, "step_ms": seconds * 1e3, "ratio": seconds / base} for name, seconds in rows],
+            "lpips_vs_recon": rows[1][1] / base, "full_vs_recon": rows[2][1] / base}
+
+
 STAGES: dict[str, Callable[[argparse.Namespace, Sizes], dict[str, Any]]] = {
     "env": stage_env, "build": stage_build, "op_tests": stage_op_tests, "op_bench": stage_op_bench,
-    "train": stage_train,
+    "train": stage_train, "tokenizer_step": stage_tokenizer_step,
 }
 
 
@@ -660,6 +682,7 @@ def plan_stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     if (ROOT / "configs" / "tokenizer_tiny.yaml").is_file():
         stages.append(("train:tokenizer_tiny:fp16", ["--stage", "train", "--config", "tokenizer_tiny", "--precision",
                                                      "fp16"] if args.device == "cuda" else []))
+    stages.append(("tokenizer_step", ["--stage", "tokenizer_step"]))
     if (ROOT / "configs" / "ldm_finetune.yaml").is_file():
         stages.append(("train:ldm_finetune", ["--stage", "train", "--config", "ldm_finetune", "--precision", "bf16"]))
     # DeepSpeed's FusedAdam (optimizer.deepspeed_fused), JIT-built for this GPU: last, as its build is slow.
@@ -727,6 +750,9 @@ def table(report: dict[str, Any]) -> str:
         elif name == "op_tests":
             figs = (f"{r.get('passed')} passed, {r.get('failures', 0) + r.get('errors', 0) if r else '-'} failed, "
                     f"{r.get('cuda_cases')} on CUDA; noise max {r.get('noise_max_ulps')} ulp vs CPU")
+        elif name == "tokenizer_step":
+            figs = (f"64x64 batch {r.get('batch')}: + LPIPS x{_fmt(r.get('lpips_vs_recon'), '.2f')}, full "
+                    f"x{_fmt(r.get('full_vs_recon'), '.2f')} the reconstruction-only step") if r else ""
         elif name == "op_bench":
             parts = []
             for dtype in ("fp32", "bf16"):

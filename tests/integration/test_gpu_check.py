@@ -39,7 +39,7 @@ def test_dry_run_runs_every_stage_and_reports_every_field(tmp_path):
            "--op-tests-k", "float32_forward or gradcheck_float64_with or noise_depends",
            # One training config keeps CI short; the others run the same stage code with their own config.
            "--stages", "env,build,op_tests,op_bench,train:fashion_mnist,train:fashion_mnist:fp16,"
-                       "train:fashion_mnist:fused_adam,train:tokenizer_tiny,train:tokenizer_tiny:fp16"]
+                       "train:fashion_mnist:fused_adam,train:tokenizer_tiny,train:tokenizer_tiny:fp16,tokenizer_step"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=580)
     report = json.loads((out / "gpu_check.json").read_text())
     log = (out / "gpu_check.log").read_text()
@@ -75,6 +75,9 @@ def test_dry_run_runs_every_stage_and_reports_every_field(tmp_path):
     terms = tok["last_terms"]
     assert terms["perceptual"] > 0 and terms["adaptive_weight"] > 0 and terms["logits_real"] != terms["logits_fake"]
     assert all(math.isfinite(v) for v in terms.values())
-    for name in ("env", "build", "op_tests", "op_bench", "train:fashion_mnist", "train:tokenizer_tiny"):
+    cost = stages["tokenizer_step"]
+    assert cost["status"] == "ok", (cost["error"], log[-3000:])
+    assert [v["ratio"] for v in cost["result"]["variants"]][0] == 1.0 and cost["result"]["full_vs_recon"] > 0
+    for name in ("env", "build", "op_tests", "op_bench", "train:fashion_mnist", "train:tokenizer_tiny", "tokenizer_step"):
         assert name in proc.stdout
     assert {t["met"] is not None for t in report["targets"] if "MFU" not in t["name"]} == {True}
