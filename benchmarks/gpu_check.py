@@ -20,6 +20,14 @@ stage that crashes, hangs or runs long leaves the report of every other one inta
   GPU memory, MFU = counted FLOPs per second (``torch.utils.flop_counter``, every matmul and
   convolution of one real step, forward and backward) over the GPU's dense bf16 peak.
   ``:ckpt`` = ``model.gradient_checkpointing`` on, where the config schema has that key.
+  A config with ``loss.pixel`` l1/l2 (the tokenizers) runs the trainer's ``autoencoder_step``
+  with its whole objective as the trainer builds it: pixel + LPIPS (a random VGG16 saved
+  in the work folder: no ImageNet weights on the machine, and the cost does not depend on
+  them) + KL + the PatchGAN in its own DeepSpeed engine from the first step
+  (``loss.disc_start=0``) + the EMA update; ``train:tokenizer_tiny:fp16`` proves each
+  engine's own fp16 loss scaler.
+- ``tokenizer_step``: ``benchmarks/tokenizer_step.py`` on the device: one step of the full autoencoder
+  objective against reconstruction-only (and + LPIPS) at 64x64, as ratios.
 
 Writes ``gpu_check.json`` (every stage: status, seconds, limit, error, result) and
 ``gpu_check.log`` (every stage's output) into ``--out``, and prints one table.
@@ -73,6 +81,9 @@ TRAIN_CONFIGS = ("fashion_mnist", "tokenizer_f8", "tokenizer_tiny")
 # Configs trained at the tokenizer size (--tokenizer-image, batch --tokenizer-batch); ldm_finetune is
 # SD's KL-f8 AutoencoderKL (model.arch ldm), decoder-only as configured, from random weights.
 IMAGE_CONFIGS = ("tokenizer_f8", "tokenizer_tiny", "ldm_finetune")
+# Configs of the latent-diffusion autoencoder objective (loss.pixel l1/l2): trained with autoencoder_step.
+TOKENIZER_CONFIGS = ("tokenizer_f8", "tokenizer_tiny")
+RANDOM_VGG16 = "vgg16-random.pth"  # LPIPS's backbone for the check, written into --work (see stage_train)
 NOT_ON_DEVICE = "not run on"  # the error of a stage skipped because this device cannot run it
 
 
@@ -92,18 +103,21 @@ class Sizes:
     tokenizer_batch: int
     tokenizer_image: int
     compile_backend: str  # torch.compile's: inductor on the GPU; the dry run only checks the path
+    objective_batch: int  # tokenizer_step: benchmarks/tokenizer_step.py's 64x64 batch, timed steps, rounds
+    objective_steps: int
+    objective_rounds: int
 
 
 GPU_SIZES = Sizes(matmul_n=8192, copy_bytes=2 << 30, op_shape=(128, 16, 128, 128), op_reps=30, noise_n=1 << 24,
                   steps=300, warmup=10, max_train_s=30.0, fashion_batch=128, tokenizer_batch=32, tokenizer_image=256,
-                  compile_backend="inductor")
+                  compile_backend="inductor", objective_batch=32, objective_steps=10, objective_rounds=3)
 DRY_SIZES = Sizes(matmul_n=256, copy_bytes=16 << 20, op_shape=(8, 4, 16, 16), op_reps=3, noise_n=1 << 12,
                   steps=3, warmup=1, max_train_s=20.0, fashion_batch=8, tokenizer_batch=2, tokenizer_image=32,
-                  compile_backend="aot_eager")
+                  compile_backend="aot_eager", objective_batch=1, objective_steps=1, objective_rounds=1)
 
 # Time limits (s) per stage on the GPU; the whole check also stops at --budget-s.
-GPU_LIMITS = {"env": 60, "build": 180, "op_tests": 150, "op_bench": 120, "train": 75}
-DRY_LIMITS = {"env": 120, "build": 300, "op_tests": 300, "op_bench": 200, "train": 300}
+GPU_LIMITS = {"env": 60, "build": 180, "op_tests": 150, "op_bench": 120, "train": 75, "tokenizer_step": 60}
+DRY_LIMITS = {"env": 120, "build": 300, "op_tests": 300, "op_bench": 200, "train": 300, "tokenizer_step": 200}
 
 
 @dataclass
@@ -398,6 +412,11 @@ def _train_overrides(args: argparse.Namespace, sizes: Sizes, run_dir: Path) -> l
     if tokenizer:
         # Random weights: the check never reads a model.init_from the config may name.
         overrides += [f"model.image_size={sizes.tokenizer_image}", "model.init_from="]
+    if args.config in TOKENIZER_CONFIGS:
+        # The whole objective in every timed step: the discriminator and the EMA from step 0, LPIPS on a
+        # random VGG16 (no ImageNet weights there; the cost does not depend on them).
+        overrides += ["loss.disc_start=0", "ema.start_step=0",
+                      f"loss.lpips_backbone_path={Path(args.work) / RANDOM_VGG16}"]
     if args.fused_adam:
         overrides.append("optimizer.deepspeed_fused=true")
     if args.ckpt:
@@ -409,6 +428,59 @@ def _train_overrides(args: argparse.Namespace, sizes: Sizes, run_dir: Path) -> l
     return overrides
 
 
+def _loss_scale(engine: Any) -> float | None:
+    """The engine's current fp16 loss scale (None where its optimizer keeps none)."""
+    scale = getattr(engine.ds.optimizer, "loss_scale", None)
+    return None if scale is None else float(scale)
+
+
+def _autoencoder_steps(cfg: Any, engine: Any, batches: Any) -> tuple[Callable[[int], Any], dict[str, Any], Any]:
+    """``(one_step, facts, disc engine or None)`` for a ``loss.pixel`` l1/l2 config: the trainer's
+    ``autoencoder_step`` with the parts :func:`vae_train.trainer.train` builds (change both together):
+    LPIPS, the PatchGAN in its own engine, the adaptive weight's tap, the EMA updated after applied
+    steps. ``facts`` (what ran, skipped discriminator steps, EMA updates) go into the stage's result."""
+    from vae_train.autoencoder_step import autoencoder_step
+    from vae_train.ema import EMA
+    from vae_train.engine import setup_discriminator_engine
+    from vae_train.losses import AutoencoderObjective, LastLayerTap
+    from vae_train.model.discriminator import PatchDiscriminator
+    from vae_train.model.perceptual import build_lpips, save_random_vgg16
+    from vae_train.schedules import build_beta_schedule
+
+    lpips = None
+    if cfg.loss.perceptual_weight > 0:
+        save_random_vgg16(cfg.loss.lpips_backbone_path)
+        lpips = build_lpips(cfg.loss.lpips_backbone_path).to(engine.device)
+    disc = None
+    if cfg.loss.disc_weight > 0:
+        critic = PatchDiscriminator(cfg.model.in_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+        disc = setup_discriminator_engine(cfg, critic, engine)
+    objective = AutoencoderObjective(cfg.loss, lpips)
+    tap = LastLayerTap(engine.module.last_decoder_layer()) if disc is not None and cfg.loss.adaptive_weight else None
+    ema = (EMA(engine.module, cfg.ema.decay, cfg.ema.start_step, cfg.ema.every_steps,
+               partitioned=engine.ds.zero_optimization_stage() == 3) if cfg.ema.decay > 0 else None)
+    beta_at = build_beta_schedule(cfg.kl, cfg.train.max_steps)
+    facts: dict[str, Any] = {"objective": "autoencoder", "perceptual": lpips is not None,
+                             "discriminator": disc is not None, "adaptive_weight": tap is not None,
+                             "ema": ema is not None, "disc_skipped_steps": 0, "ema_updates": 0}
+    if disc is not None:
+        facts["disc_zero_stage"] = int(disc.ds.zero_optimization_stage())
+    if disc is not None and cfg.distributed.precision == "fp16":  # two engines, two dynamic loss scalers
+        scalers = [getattr(e.ds.optimizer, "loss_scaler", None) for e in (engine, disc)]
+        facts["own_loss_scalers"] = None not in scalers and scalers[0] is not scalers[1]
+
+    def one_step(step: int) -> Any:
+        result = autoencoder_step(engine, disc, objective, tap, batches, step, beta_at(step))
+        if result.disc_decision is not None and not result.disc_decision.applied:
+            facts["disc_skipped_steps"] += 1
+        if ema is not None and result.decision.applied and ema.due(step + 1):
+            ema.update(step + 1)
+            facts["ema_updates"] += 1
+        return result
+
+    return one_step, facts, disc
+
+
 def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     """A few hundred of the trainer's steps of one config on a fixed synthetic batch, measured."""
     import functools
@@ -416,17 +488,22 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
 
     import torch
 
+    from vae_train.autoencoder_step import TERMS
     from vae_train.config import load_config
     from vae_train.engine import setup_engine
+    from vae_train.losses import attach_output_logvar
     from vae_train.model import build_model, freeze, likelihood_value_range, vae_loss
-    from vae_train.trainer import train_step
+    from vae_train.trainer import ELBO_TERMS, train_step
 
     setup_start = time.perf_counter()
     run_dir = Path(args.work) / f"run-{args.config}-{args.precision}-{int(args.ckpt)}-{int(args.fused_adam)}"
     cfg = load_config(ROOT / "configs" / f"{args.config}.yaml", _train_overrides(args, sizes, run_dir))
+    tokenizer = cfg.loss.pixel != "none"
     torch.manual_seed(cfg.seed)
     # As vae_train.trainer.train builds it (change both together); random weights, no init_from.
     model = build_model(cfg.model)
+    if cfg.loss.learned_logvar:
+        attach_output_logvar(model, cfg.loss.logvar_init)
     freeze(model, cfg.train.trainable)
     engine = setup_engine(cfg, model)
     if engine.device.type != args.device:
@@ -439,15 +516,22 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     else:
         x = lo + (hi - lo) * torch.rand(shape, generator=gen)
     batches = itertools.repeat({"image": x.to(engine.device)})
-    loss_fn = functools.partial(vae_loss, beta=1.0, free_bits=cfg.kl.free_bits)
     losses: list[torch.Tensor] = []  # on the device, read once at the end
+    last_sums: list[torch.Tensor] = []  # the last step's terms (one micro-batch: the sums are the values)
     skipped = 0
+    facts: dict[str, Any] = {"objective": "elbo"}
+    disc = None
+    if tokenizer:
+        autoencoder_one_step, facts, disc = _autoencoder_steps(cfg, engine, batches)
+    else:
+        loss_fn = functools.partial(vae_loss, beta=1.0, free_bits=cfg.kl.free_bits)
 
     def one_step(step: int) -> None:
         nonlocal skipped
-        out = train_step(engine, batches, step, loss_fn)
+        out = autoencoder_one_step(step) if tokenizer else train_step(engine, batches, step, loss_fn)
         skipped += not out.decision.applied
         losses.append(out.sums[0])
+        last_sums[:] = [out.sums]
 
     setup_s = time.perf_counter() - setup_start
     for step in range(sizes.warmup):
@@ -475,6 +559,12 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
         "achieved_flops": flops / step_s, "skipped_steps": skipped,
         "loss_first": loss_first, "loss_last": loss_last,
     }
+    result.update(facts)
+    result["last_terms"] = dict(zip(TERMS if tokenizer else ELBO_TERMS, last_sums[0].tolist()))
+    if args.precision == "fp16":  # each engine's own dynamic loss scale after the run
+        result["loss_scale"] = _loss_scale(engine)
+        if disc is not None:
+            result["disc_loss_scale"] = _loss_scale(disc)
     if engine.device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
     else:
@@ -492,12 +582,33 @@ def stage_train(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     torch.distributed.destroy_process_group()  # an NCCL group left up can hold the process at exit
     if not all(math.isfinite(v) for v in (loss_first, loss_last)):
         raise StageFailure("the loss is not finite", result)
+    if tokenizer and result["discriminator"] and not math.isfinite(result["last_terms"]["d_loss"]):
+        raise StageFailure("the discriminator's loss is not finite", result)
+    if result.get("own_loss_scalers") is False:
+        raise StageFailure("the discriminator's engine shares the autoencoder's fp16 loss scaler", result)
     return result
+
+
+def stage_tokenizer_step(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
+    """The autoencoder objective's cost (issue 15): ``benchmarks/tokenizer_step.py``'s three objectives
+    (reconstruction only, + LPIPS, full) on one model at 64x64, interleaved, as ratios to reconstruction-only."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenizer_step", ROOT / "benchmarks" / "tokenizer_step.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.measure(_device(args), sizes.objective_batch, sizes.objective_steps, sizes.objective_rounds)
+    base = rows[0][1]
+    return {"image_size": 64, "batch": sizes.objective_batch, "steps": sizes.objective_steps,
+            "rounds": sizes.objective_rounds,
+            "variants": [{"name": name, "step_ms": seconds * 1e3, "ratio": seconds / base} for name, seconds in rows],
+            "lpips_vs_recon": rows[1][1] / base, "full_vs_recon": rows[2][1] / base}
 
 
 STAGES: dict[str, Callable[[argparse.Namespace, Sizes], dict[str, Any]]] = {
     "env": stage_env, "build": stage_build, "op_tests": stage_op_tests, "op_bench": stage_op_bench,
-    "train": stage_train,
+    "train": stage_train, "tokenizer_step": stage_tokenizer_step,
 }
 
 
@@ -564,9 +675,14 @@ def plan_stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         stages.append((f"train:{config}", [*base, "--precision", "bf16"]))
         if has_ckpt and config in IMAGE_CONFIGS:
             stages.append((f"train:{config}:ckpt", [*base, "--precision", "bf16", "--ckpt"]))
-    # DeepSpeed's fp16 loss scaling runs on GPUs only (the engine refuses fp16 on a CPU).
+    # DeepSpeed's fp16 loss scaling runs on GPUs only (the engine refuses fp16 on a CPU). The tokenizer's
+    # run has two engines, each with its own loss scaler (the autoencoder's and the discriminator's).
     stages.append(("train:fashion_mnist:fp16", ["--stage", "train", "--config", "fashion_mnist", "--precision", "fp16"]
                    if args.device == "cuda" else []))
+    if (ROOT / "configs" / "tokenizer_tiny.yaml").is_file():
+        stages.append(("train:tokenizer_tiny:fp16", ["--stage", "train", "--config", "tokenizer_tiny", "--precision",
+                                                     "fp16"] if args.device == "cuda" else []))
+    stages.append(("tokenizer_step", ["--stage", "tokenizer_step"]))
     if (ROOT / "configs" / "ldm_finetune.yaml").is_file():
         stages.append(("train:ldm_finetune", ["--stage", "train", "--config", "ldm_finetune", "--precision", "bf16"]))
     # DeepSpeed's FusedAdam (optimizer.deepspeed_fused), JIT-built for this GPU: last, as its build is slow.
@@ -634,6 +750,9 @@ def table(report: dict[str, Any]) -> str:
         elif name == "op_tests":
             figs = (f"{r.get('passed')} passed, {r.get('failures', 0) + r.get('errors', 0) if r else '-'} failed, "
                     f"{r.get('cuda_cases')} on CUDA; noise max {r.get('noise_max_ulps')} ulp vs CPU")
+        elif name == "tokenizer_step":
+            figs = (f"64x64 batch {r.get('batch')}: + LPIPS x{_fmt(r.get('lpips_vs_recon'), '.2f')}, full "
+                    f"x{_fmt(r.get('full_vs_recon'), '.2f')} the reconstruction-only step") if r else ""
         elif name == "op_bench":
             parts = []
             for dtype in ("fp32", "bf16"):

@@ -2,7 +2,7 @@
 # Prepare the folder of wheels that benchmarks/gpu_check.sh installs on the GPU test machine.
 #
 # That machine (one H200, Python 3.12, torch 2.11 + CUDA 13) has no network and lacks
-# deepspeed, webdataset and pydantic; everything else the check imports is already there
+# deepspeed, webdataset, pydantic and lpips; everything else the check imports is already there
 # (torch, numpy, pyyaml, tqdm, safetensors, pillow, tensorboard, accelerate, ninja, psutil,
 # py-cpuinfo, msgpack, einops, pytest). What it lacks travels as wheels, at most 64 MiB
 # together with the working tree, so this script fails when the folder passes a budget.
@@ -29,6 +29,9 @@ DOWNLOADS=(
   "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5"
   # pydantic 2.14 needs typing-extensions >= 4.16, newer than some images carry.
   "typing-extensions==4.16.0"
+  # LPIPS's linear heads (the tokenizer configs' perceptual term), read from the wheel's files without
+  # importing it (its torchvision dependency is not needed): pure Python, a few hundred KiB.
+  "lpips==0.1.4"
 )
 
 mkdir -p "$OUT"

@@ -15,7 +15,8 @@ LPIPS gets a random VGG16 (the cost does not depend on the weights). The variant
 in interleaved rounds (A B C A B C ...) and each reports its median step time, so drift
 on a shared machine hits all of them alike.
 
-Run: ``python benchmarks/tokenizer_step.py [--device cpu|cuda] [--batch 8] [--steps 5] [--rounds 3]``
+Run: ``python benchmarks/tokenizer_step.py [--device cpu|cuda] [--batch 8] [--steps 5] [--rounds 3]``;
+on the GPU machine the GPU check's ``tokenizer_step`` stage calls :func:`measure`.
 """
 
 from __future__ import annotations
@@ -83,14 +84,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def measure(device: torch.device, batch: int, steps: int, rounds: int) -> list[tuple[str, float]]:
+    """``(variant, median step seconds)`` of the three objectives, interleaved (also the GPU check's stage)."""
     with tempfile.TemporaryDirectory() as tmp:
         lpips = build_lpips(str(save_random_vgg16(Path(tmp) / "vgg16-random.pth"))).to(device)
     variants = [
@@ -100,24 +95,35 @@ def main() -> None:
                 LossConfig(pixel="l1", perceptual_weight=1.0, disc_weight=0.5, disc_start=0), lpips, device, ema=True),
     ]
     gen = torch.Generator().manual_seed(0)
-    x = (torch.rand(args.batch, 3, 64, 64, generator=gen) * 2 - 1).to(device)
+    x = (torch.rand(batch, 3, 64, 64, generator=gen) * 2 - 1).to(device)
     for variant in variants:  # warm-up (allocator, kernels)
         variant.step(x, 0)
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for variant in variants:
-            for step in range(args.steps):
+            for step in range(steps):
                 _sync(device)
                 start = time.perf_counter()
                 variant.step(x, step + 1)
                 _sync(device)
                 variant.times.append(time.perf_counter() - start)
-    base = statistics.median(variants[0].times)
+    return [(variant.name, statistics.median(variant.times)) for variant in variants]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = measure(device, args.batch, args.steps, args.rounds)
+    base = rows[0][1]
     print(f"device={device} batch={args.batch} image=64x64 model={MODEL.channel_mult} threads={torch.get_num_threads()} "
           f"rounds={args.rounds}x{args.steps} steps")
     print(f"{'objective':44s} {'median step ms':>15s} {'ratio to recon-only':>20s}")
-    for variant in variants:
-        median = statistics.median(variant.times)
-        print(f"{variant.name:44s} {median * 1e3:15.1f} {median / base:20.2f}")
+    for name, median in rows:
+        print(f"{name:44s} {median * 1e3:15.1f} {median / base:20.2f}")
 
 
 if __name__ == "__main__":

@@ -603,6 +603,18 @@ autoencoder objective"): its optimizer state and gradients are partitioned, its 
 (a few million) stay whole on every rank, so the decoder's pass through it needs no gather."""
 
 
+def build_discriminator_deepspeed_config(dist_cfg: DistributedConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The discriminator engine's DeepSpeed JSON: the generated one at ZeRO ``min(stage, 2)``.
+
+    Never merged with ``distributed.deepspeed_config``: that file tunes the autoencoder's engine
+    (offload, buckets, a static loss scale), and its settings must not reach the discriminator's.
+    Its ``fp16`` section is its own (dynamic scaling), so in fp16 the discriminator's engine keeps
+    its own loss scaler: an overflow of one network's gradients lowers only that network's scale.
+    """
+    return build_deepspeed_config(
+        dist_cfg.model_copy(update={"zero_stage": min(dist_cfg.zero_stage, DISC_MAX_ZERO_STAGE)}), plan)
+
+
 def setup_discriminator_engine(cfg: Config, disc: torch.nn.Module, vae: Engine) -> Engine:
     """A second DeepSpeed engine for the PatchGAN: its own optimizer (Adam, ``loss.disc_lr``,
     ``loss.disc_betas``, constant LR), its own step gate (non-finite skips on every rank
@@ -611,8 +623,7 @@ def setup_discriminator_engine(cfg: Config, disc: torch.nn.Module, vae: Engine) 
     config only: ``distributed.deepspeed_config`` (offload, buckets) tunes the autoencoder's engine.
     """
     deepspeed = _import_deepspeed(vae.device)
-    dist_cfg = cfg.distributed.model_copy(update={"zero_stage": min(cfg.distributed.zero_stage, DISC_MAX_ZERO_STAGE)})
-    ds_config = build_deepspeed_config(dist_cfg, vae.plan)
+    ds_config = build_discriminator_deepspeed_config(cfg.distributed, vae.plan)
     disc = disc.to(vae.device)
     numel = sum(p.numel() for p in disc.parameters())
     opt_cfg = OptimizerConfig(name="adam", lr=cfg.loss.disc_lr, betas=cfg.loss.disc_betas, schedule="constant",

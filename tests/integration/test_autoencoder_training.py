@@ -13,8 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.integration.trainer_runs import assert_same_tensors, killed, ok, reap, start_train, weights
@@ -81,6 +84,39 @@ def test_discriminator_is_still_before_disc_start_and_trains_after(reference):
     rows = _rows(run)
     assert all(rows[s]["g_loss"] == 0 and rows[s]["d_loss"] == 0 for s in range(1, DISC_START + 1))
     assert all(rows[s]["adaptive_weight"] > 0 and rows[s]["d_loss"] > 0 for s in range(DISC_START + 1, STEPS + 1))
+
+
+def test_every_term_validation_of_both_weights_and_the_difference_grid_are_logged(reference):
+    """TensorBoard has every term of the objective, validation of the raw (val/) and EMA (val_ema/) weights,
+    and the input | reconstruction | amplified-difference grid, whose third panel is DIFF_GAIN x |input - recon|."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vae_train.autoencoder_step import TERMS
+    from vae_train.logging import DIFF_GAIN
+
+    run = reference / "run"
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {f"train/{t}" for t in (*TERMS, "disc_skipped_steps")} <= scalars, {f"train/{t}" for t in TERMS} - scalars
+    assert {"val/psnr_db", "val/ssim", "val_ema/psnr_db", "val_ema/ssim"} <= scalars
+    val = {p: events.Scalars(f"{p}/psnr_db")[-1] for p in ("val", "val_ema")}
+    assert val["val"].step == val["val_ema"].step == STEPS and val["val"].value != val["val_ema"].value
+    assert any("input_recon_diff" in tag for tag in events.Tags()["images"])
+    png = np.asarray(Image.open(run / "input_recon_diff.png")).astype(np.int32)
+    size, pad = 28, 2  # configs/tiny.yaml's images, logging.image_grid's padding
+    width = 3 * (size + pad) + pad
+    factor = png.shape[1] // width  # the run-dir PNG is enlarged by whole pixel blocks
+    assert factor >= 1 and png.shape[1] == factor * width
+    grid = png[::factor, ::factor]
+    rows = (grid.shape[0] - pad) // (size + pad)
+    assert rows >= 2
+    for row in range(rows):
+        top = pad + row * (size + pad)
+        x, r, d = (grid[top:top + size, pad + c * (size + pad):pad + c * (size + pad) + size, 0] for c in range(3))
+        # [-1, 1] images as 0..255: the difference panel shows lo + 4 |x - r|, i.e. 4 |x - r| levels
+        expected = np.clip(DIFF_GAIN * np.abs(x - r), 0, 255)
+        assert np.abs(d - expected).max() <= 2 * DIFF_GAIN + 1, row  # the panels' own uint8 rounding
 
 
 def test_sigkill_after_a_commit_resumes_bitwise_with_discriminator_and_ema(reference, fashion_shards, tmp_path):
@@ -158,6 +194,37 @@ def test_adaptive_weight_is_the_same_under_zero3_and_zero0_and_ema_matches_float
         load_model(tmp_path / "export", weights="ema")
 
 
+def test_bf16_run_trains_the_discriminator_in_its_own_bf16_engine(fashion_shards, tmp_path):
+    """distributed.precision=bf16 on the CPU (DeepSpeed refuses fp16 here: the GPU check covers it), 2 ranks,
+    ZeRO-2, the discriminator from step 0: both engines hold bf16 weights, every step applies both updates,
+    the adaptive weight and the GAN terms are finite, and the EMA stays fp32."""
+    run = tmp_path / "run"
+    ok(start_train(fashion_shards, run, *TOKENIZER, "distributed.precision=bf16", "distributed.zero_stage=2",
+                   "train.max_steps=3", "loss.disc_start=0", "checkpoint.every_steps=1",
+                   faults={"out": str(tmp_path), "dump_at_save": [1, 2, 3]}))
+    assert json.loads((run / "run_info.json").read_text())["precision"] == "bf16"
+    rows = _rows(run)
+    for step in (1, 2, 3):
+        row = rows[step]
+        assert row["adaptive_weight"] > 0 and row["d_loss"] > 0, row
+        assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss", "g_loss", "d_loss", "logits_real", "logits_fake"))
+        assert row["skipped_steps"] == 0 and row["disc_skipped_steps"] == 0, row
+    with restricted_torch_load():
+        module = torch.load(_ckpt(run, 3) / "disc" / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=True)["module"]
+    assert {v.dtype for v in module.values() if v.is_floating_point()} == {torch.bfloat16}
+    # its fp32 master weights (a bf16 weight can round an Adam step away) move at every step
+    saved = [load_file(tmp_path / f"saved-{s}.safetensors") for s in (1, 2, 3)]
+    masters = [{k: v for k, v in state.items() if k.startswith("disc:w/")} for state in saved]
+    assert masters[0] and all(v.dtype == torch.float32 for v in masters[0].values())
+    for before, after in zip(masters, masters[1:]):
+        assert all(not torch.equal(before[k], after[k]) for k in after), "a discriminator step left weights unchanged"
+    states = ema_states(_ckpt(run, 3))
+    assert {t.dtype for t in states[0]["tensors"].values()} == {torch.float32}
+    raw = weights(_ckpt(run, 3))
+    assert any(not torch.equal(states[0]["tensors"][k], raw[k]) for k in raw)
+
+
 def test_checkpoint_without_discriminator_is_refused_unless_a_fresh_one_is_asked(fashion_shards, tmp_path):
     run = tmp_path / "run"
     no_disc = [o for o in TOKENIZER if not o.startswith("loss.disc_weight")]
@@ -178,3 +245,53 @@ def test_perceptual_weight_without_backbone_weights_stops_at_start_up(fashion_sh
     assert result.returncode != 0
     assert "loss.lpips_backbone_path" in result.stdout and str(tmp_path / "empty") in result.stdout
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def _command_outputs(checkpoint: Path, shards: Path, out: Path, weights: str | None) -> dict[str, object]:
+    """What each model-reading command writes for ``checkpoint`` (``--weights`` when given): the
+    eval metrics, the sample / reconstruct / interpolate grids' pixels, the score CSV's text."""
+    out.mkdir(parents=True)
+    common = ["--checkpoint", str(checkpoint), *(["--weights", weights] if weights else [])]
+    data = ["--data", str(shards), "--batch-size", "16"]
+    argvs = {
+        "eval": ["eval", *common, *data, "--max-batches", "1", "--out", str(out / "eval.json")],
+        "sample": ["sample", *common, "--n", "4", "--seed", "3", "--out", str(out / "sample.png")],
+        "reconstruct": ["reconstruct", *common, *data, "--n", "4", "--out", str(out / "reconstruct.png")],
+        "interpolate": ["interpolate", *common, *data, "--pairs", "2", "--steps", "3", "--out", str(out / "interpolate.png")],
+        "score": ["score", *common, *data, "--max-images", "16", "--out", str(out / "score.csv")],
+    }
+    for name, argv in argvs.items():
+        assert main([*argv, "data.num_workers=0"]) == 0, name
+    metrics = json.loads((out / "eval.json").read_text())
+    metrics.pop("checkpoint")
+    outputs: dict[str, object] = {"eval": metrics, "score": (out / "score.csv").read_text()}
+    for name in ("sample", "reconstruct", "interpolate"):
+        outputs[name] = np.asarray(Image.open(out / f"{name}.png"))
+    return outputs
+
+
+def _same(a: object, b: object) -> bool:
+    return bool(np.array_equal(a, b)) if isinstance(a, np.ndarray) else a == b
+
+
+def test_commands_use_the_ema_weights_by_default_and_the_raw_ones_on_request(reference, fashion_shards, tmp_path):
+    """eval, sample, reconstruct, interpolate, score and export: ``--weights ema`` (the default when the
+    checkpoint has an EMA) and ``--weights raw`` give what the model ``load_model`` builds with that
+    choice gives (through an export of it), and the two differ."""
+    ckpt = _ckpt(reference / "run", STEPS)  # ZeRO-2, 2 ranks, EMA decay 0.9 since step 0
+    got = {choice: _command_outputs(ckpt, fashion_shards, tmp_path / f"ckpt-{choice}", None if choice == "default" else choice)
+           for choice in ("default", "ema", "raw")}
+    for choice in ("ema", "raw"):
+        export = tmp_path / f"export-{choice}"
+        assert main(["export", str(ckpt), "--out", str(export), "--weights", choice]) == 0
+        assert_same_tensors(load_model(ckpt, weights=choice).state_dict(), load_model(export).state_dict(),
+                            f"export --weights {choice} vs load_model(weights={choice!r})")
+        want = _command_outputs(export, fashion_shards, tmp_path / f"export-out-{choice}", None)
+        for name, value in want.items():
+            assert _same(got[choice][name], value), f"{name} --weights {choice} differs from its export's"
+    default_export = tmp_path / "export-default"
+    assert main(["export", str(ckpt), "--out", str(default_export)]) == 0
+    assert json.loads((default_export / "config.json").read_text())["weights"] == "ema"
+    for name in got["ema"]:
+        assert _same(got["default"][name], got["ema"][name]), f"{name}: the default is not the EMA"
+        assert not _same(got["raw"][name], got["ema"][name]), f"{name}: --weights raw gives the EMA's output"

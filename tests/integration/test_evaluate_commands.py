@@ -235,6 +235,30 @@ def test_bad_input_gets_clear_errors(tiny_run: TinyRun, tmp_path: Path, capsys: 
           "comma-separated integer labels")
 
 
+def test_weights_ema_without_an_ema_is_a_clear_error(tiny_run: TinyRun, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny.yaml keeps no EMA: ``--weights ema`` stops every model-reading command with a message that
+    says so and names ``--weights raw``; on an export (which holds one set) it names the set it holds."""
+    data = ["--data", str(tiny_run.shards)]
+    argvs = {
+        "eval": ["eval", *data],
+        "sample": ["sample", "--out", str(tmp_path / "s.png")],
+        "reconstruct": ["reconstruct", *data, "--out", str(tmp_path / "r.png")],
+        "interpolate": ["interpolate", *data, "--out", str(tmp_path / "i.png")],
+        "score": ["score", *data, "--out", str(tmp_path / "s.csv")],
+    }
+    for name, argv in argvs.items():
+        for source, messages in ((tiny_run.checkpoint, ("holds no EMA weights", "use --weights raw")),
+                                 (tiny_run.export, ("export of the raw weights", "--weights ema needs the checkpoint"))):
+            assert main([*argv, "--checkpoint", str(source), "--weights", "ema", "data.num_workers=0"]) == 2, name
+            err = capsys.readouterr().err
+            assert all(m in err for m in messages) and "Traceback" not in err, (name, err)
+    assert main(["export", str(tiny_run.checkpoint), "--out", str(tmp_path / "e"), "--weights", "ema"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no EMA weights" in err and "--weights raw" in err, err
+    assert not (tmp_path / "e" / "model.safetensors").exists()
+
+
 def test_checkpoint_that_does_not_match_the_data(tiny_run: TinyRun, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A 3-channel 32x32 model on 28x28 grayscale shards fails with a message, not a traceback."""

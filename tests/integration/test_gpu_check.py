@@ -27,6 +27,8 @@ RESULT_FIELDS = {
                             "flops_per_image", "mfu", "peak_flops", "peak_source", "loss_first", "loss_last",
                             "skipped_steps"},
 }
+TOKENIZER_FIELDS = {"objective", "perceptual", "discriminator", "adaptive_weight", "ema", "ema_updates",
+                    "disc_skipped_steps", "disc_zero_stage", "last_terms"}
 BENCH_FIELDS = {"compile_s", "eager", "compile", "fused", "fused_vs_eager", "fused_vs_compile", "fused_bytes_per_s",
                 "fused_bandwidth_fraction", "bandwidth_source"}
 
@@ -37,7 +39,7 @@ def test_dry_run_runs_every_stage_and_reports_every_field(tmp_path):
            "--op-tests-k", "float32_forward or gradcheck_float64_with or noise_depends",
            # One training config keeps CI short; the others run the same stage code with their own config.
            "--stages", "env,build,op_tests,op_bench,train:fashion_mnist,train:fashion_mnist:fp16,"
-                       "train:fashion_mnist:fused_adam"]
+                       "train:fashion_mnist:fused_adam,train:tokenizer_tiny,train:tokenizer_tiny:fp16,tokenizer_step"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=580)
     report = json.loads((out / "gpu_check.json").read_text())
     log = (out / "gpu_check.log").read_text()
@@ -45,7 +47,7 @@ def test_dry_run_runs_every_stage_and_reports_every_field(tmp_path):
     for name, fields in RESULT_FIELDS.items():
         assert stages[name]["status"] == "ok", (name, stages[name]["error"], log[-3000:])
         assert fields <= stages[name]["result"].keys(), (name, fields - stages[name]["result"].keys())
-    for gpu_only in ("train:fashion_mnist:fp16", "train:fashion_mnist:fused_adam"):
+    for gpu_only in ("train:fashion_mnist:fp16", "train:fashion_mnist:fused_adam", "train:tokenizer_tiny:fp16"):
         assert stages[gpu_only]["status"] == "skipped"  # fp16 loss scaling and FusedAdam need a GPU
     assert proc.returncode == 0 and "targets:" in proc.stdout  # stages this device cannot run do not fail it
 
@@ -61,6 +63,21 @@ def test_dry_run_runs_every_stage_and_reports_every_field(tmp_path):
     assert train["precision"] == "bf16" and train["zero_stage"] == 2 and train["steps_timed"] >= 1
     assert train["images_per_s"] > 0 and 0 < train["mfu"] < 1 and train["flops_per_step"] > 0
     assert math.isfinite(train["loss_last"]) and train["skipped_steps"] == 0
-    for name in ("env", "build", "op_tests", "op_bench", "train:fashion_mnist"):
+    assert train["objective"] == "elbo"
+    # a tokenizer config trains the latent-diffusion objective: pixel + LPIPS + KL + PatchGAN + EMA, all on
+    tok = stages["train:tokenizer_tiny"]
+    assert tok["status"] == "ok", (tok["error"], log[-3000:])
+    tok = tok["result"]
+    assert TOKENIZER_FIELDS <= tok.keys(), TOKENIZER_FIELDS - tok.keys()
+    assert tok["objective"] == "autoencoder" and tok["perceptual"] and tok["discriminator"] and tok["adaptive_weight"]
+    assert tok["ema"] and tok["ema_updates"] == tok["steps_timed"] + 2  # warm-up, the counted step, the timed ones
+    assert tok["skipped_steps"] == tok["disc_skipped_steps"] == 0 and tok["disc_zero_stage"] == 2
+    terms = tok["last_terms"]
+    assert terms["perceptual"] > 0 and terms["adaptive_weight"] > 0 and terms["logits_real"] != terms["logits_fake"]
+    assert all(math.isfinite(v) for v in terms.values())
+    cost = stages["tokenizer_step"]
+    assert cost["status"] == "ok", (cost["error"], log[-3000:])
+    assert [v["ratio"] for v in cost["result"]["variants"]][0] == 1.0 and cost["result"]["full_vs_recon"] > 0
+    for name in ("env", "build", "op_tests", "op_bench", "train:fashion_mnist", "train:tokenizer_tiny", "tokenizer_step"):
         assert name in proc.stdout
     assert {t["met"] is not None for t in report["targets"] if "MFU" not in t["name"]} == {True}

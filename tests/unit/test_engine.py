@@ -24,6 +24,7 @@ from vae_train.engine import (
     StepGate,
     apply_launcher_settings,
     build_deepspeed_config,
+    build_discriminator_deepspeed_config,
     check_compatibility,
     choose_device,
     load_user_deepspeed_config,
@@ -157,6 +158,29 @@ def test_generated_deepspeed_config() -> None:
     assert ds["gradient_clipping"] == 0.0  # the StepGate clips after its skip decision
     fp16 = _ds(config_from_dict({"distributed": {"precision": "fp16"}}))["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
+
+
+def test_discriminator_engine_config_has_its_own_dynamic_fp16_scaling_and_zero_2_at_most(tmp_path: Path) -> None:
+    """The PatchGAN's engine: ZeRO min(stage, 2), the autoencoder's batch plan and precision, its own dynamic
+    fp16 loss scaling (not a user JSON's static scale, which is the autoencoder's). That its scaler then acts
+    on its own (an overflow lowers one engine's scale only) needs fp16, i.e. a GPU: the GPU check's
+    train:tokenizer_tiny:fp16 stage reports both engines' scales."""
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"fp16": {"loss_scale": 128}, "zero_optimization": {"overlap_comm": True}}))
+    for stage in (0, 1, 2, 3):
+        cfg = config_from_dict({"train": {"global_batch_size": 64, "grad_accum_steps": 2},
+                                "distributed": {"zero_stage": stage, "precision": "fp16", "deepspeed_config": str(user)}})
+        plan = plan_batch(64, 2, 2)
+        disc = build_discriminator_deepspeed_config(cfg.distributed, plan)
+        assert disc["zero_optimization"] == {"stage": min(stage, 2)}
+        assert disc["fp16"]["enabled"] and not disc["bf16"]["enabled"]
+        assert disc["fp16"]["loss_scale"] == 0 and disc["fp16"]["min_loss_scale"] >= 1  # dynamic, its own
+        vae = build_deepspeed_config(cfg.distributed, plan)
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16"):
+            assert disc[key] == vae[key], key
+    bf16 = config_from_dict({"distributed": {"zero_stage": 3, "precision": "bf16"}}).distributed
+    disc = build_discriminator_deepspeed_config(bf16, plan_batch(64, 1, 2))
+    assert disc["bf16"]["enabled"] and not disc["fp16"]["enabled"] and disc["zero_optimization"]["stage"] == 2
 
 
 @pytest.mark.parametrize("name, stage", [("deepspeed_zero2_overlap.json", 2), ("deepspeed_zero3_offload.json", 3)])
