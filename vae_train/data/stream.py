@@ -106,7 +106,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vae_train.data import s3_opener
 from vae_train.data.classes import MAX_CONSECUTIVE_FILTERED, check_labels_occur, keeps, too_many_filtered
 from vae_train.data.buckets import nearest_bucket, resolve_buckets
-from vae_train.data.decode import SAMPLE_KINDS, DecodeSpec, SampleRejected, decode_sample, image_dimensions
+from vae_train.data.decode import (SAMPLE_KINDS, DecodeSpec, Prepared, SampleRejected, decode_sample, finish_sample,
+                                   image_dimensions, prepare_sample)
 from vae_train.data.errors import DataError
 from vae_train.data.sources import Source, aspect_ratios, fingerprint, resolve_sources
 from vae_train.data.tario import RawSample, ShardReadError, iter_shard
@@ -145,6 +146,7 @@ class _Plan:
     s3_cfg: Any
     classes: frozenset[int] = frozenset()  # data.classes; empty = keep every sample
     buckets: tuple[tuple[int, int], ...] = ()  # aspect buckets (H, W); empty = every image spec.image_size
+    cache_mb: float = 0.0  # data.cache_mb: decoded samples kept per worker (0 = off; unbucketed train stream only)
 
     @property
     def logical_workers(self) -> int:
@@ -187,11 +189,63 @@ def _take(raw: Iterator[RawSample], n: int) -> tuple[list[RawSample], ShardReadE
     return items, None, True
 
 
+_PREPARED = "__prepared__"
+"""The members entry where a sample read from a shard keeps its :class:`Prepared` decoding (or rejection)."""
+_ENTRY_OVERHEAD = 256
+"""Bytes counted per cached sample on top of its arrays and strings (the dict, the tuple, the key)."""
+
+
+class _ShardCache:
+    """A worker's decoded samples of whole shards (``data.cache_mb``), so a shard drawn again skips tar and decoding.
+
+    Why whole shards: the cursor reads a shard in blocks, and replaying a stored list
+    of its samples in stored order gives the very blocks, permutations and positions a
+    re-read would, so batches and resume stay exact with or without the cache. A shard
+    is stored only once read to its end without error (a damaged shard is read again,
+    and counted again, as without the cache). What is kept per sample is what
+    :func:`prepare_sample` made of it (or its rejection) plus its label member: the
+    random half (crop, flip, binarization) still runs on every read. Shards that would
+    overflow the budget are not kept; nothing is ever evicted (the first shards drawn
+    stay: with resampling, any shard is as likely as another to come again).
+    """
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+        self._shards: dict[str, list[RawSample]] = {}
+
+    def get(self, url: str) -> list[RawSample] | None:
+        return self._shards.get(url)
+
+    def has_room(self) -> bool:
+        return self.used < self.budget
+
+    def store(self, url: str, samples: list[RawSample]) -> None:
+        """Keep ``samples`` (all of a shard, in stored order) if they fit; decoded ones shed their encoded bytes."""
+        kept: list[RawSample] = []
+        size = 0
+        for key, members in samples:
+            prepared = members.get(_PREPARED)
+            if isinstance(prepared, (Prepared, SampleRejected)):
+                members = {_PREPARED: prepared, **({"cls": members["cls"]} if "cls" in members else {})}
+            else:  # never decoded here (left out by data.classes, or skipped over on resume): kept as read
+                members = {**members, _PREPARED: None}
+            size += _ENTRY_OVERHEAD + len(key) + sum(
+                value.nbytes if isinstance(value, Prepared) else len(value) if isinstance(value, bytes) else 0
+                for value in members.values())
+            kept.append((key, members))
+        if self.used + size <= self.budget:
+            self._shards[url] = kept
+            self.used += size
+
+
 class _ShardCursor:
     """One worker's resampled walk over one source: shard draw ``draw``, ``pos`` samples into it."""
 
-    def __init__(self, plan: _Plan, worker: int, index: int, draw: int = 0, pos: int = 0) -> None:
+    def __init__(self, plan: _Plan, worker: int, index: int, draw: int = 0, pos: int = 0,
+                 cache: _ShardCache | None = None) -> None:
         self.plan, self.worker, self.index = plan, worker, index
+        self.cache = cache
         self.source = plan.sources[index]
         self.draw, self.pos = draw, pos
         counts = [shard.num_samples for shard in self.source.shards]
@@ -214,16 +268,22 @@ class _ShardCursor:
         empty, last_problem = 0, ""
         while True:
             url = self._shard_url(self.draw)
-            raw = iter_shard(url)
+            cached = self.cache.get(url) if self.cache is not None else None
+            raw = iter(cached) if cached is not None else iter_shard(url)
+            record = [] if cached is None and self.cache is not None and self.cache.has_room() else None
             produced, error = 0, None
             try:
                 first_block = self.pos // block
                 skipped, error, ended = _take(raw, first_block * block)
+                if record is not None:
+                    record.extend(skipped)
                 if len(skipped) < first_block * block:
                     ended = True
                 b = first_block
                 while not ended:
                     items, error, ended = _take(raw, block)
+                    if record is not None:
+                        record.extend(items)
                     order = self._rng(self.draw, b, _BLOCK_ORDER).permutation(len(items)) if block > 1 else [0]
                     for j in range(self.pos - b * block, len(items)):
                         self.pos = b * block + j + 1
@@ -231,7 +291,10 @@ class _ShardCursor:
                         yield url, items[order[j]]
                     b += 1
             finally:
-                raw.close()
+                if cached is None:
+                    raw.close()  # type: ignore[union-attr]
+            if record is not None and error is None:  # the consumer has decoded every sample by now
+                self.cache.store(url, record)  # type: ignore[union-attr]
             if error is not None:
                 last_problem = str(error)
                 skips.skip(url, "shard_error", f"the rest of shard {error}")
@@ -269,10 +332,11 @@ class _Reader:
     (:meth:`snapshot`) then serve both, so the two loops cannot drift apart.
     """
 
-    def __init__(self, plan: _Plan, worker: int, state: dict[str, Any], hint: str) -> None:
+    def __init__(self, plan: _Plan, worker: int, state: dict[str, Any], hint: str,
+                 cache: _ShardCache | None = None) -> None:
         self.plan = plan
         n_sources = len(plan.sources)
-        self.cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i])
+        self.cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i], cache=cache)
                         for i in range(n_sources)]
         self.rng = np.random.default_rng([plan.seed, plan.rank, worker, _WORKER_RNG])
         if "rng" in state:
@@ -313,14 +377,24 @@ class _Reader:
 
     def decode(self, url: str, key: str, members: dict[str, bytes], spec: DecodeSpec,
                rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
-        """(image, label) of one sample, or None when the decoder refused it (counted by :meth:`rejected`)."""
-        try:
-            decoded = decode_sample(key, members, spec, rng)
-        except SampleRejected as rej:
-            self.rejected(url, key, rej)
+        """(image, label) of one sample, or None when the decoder refused it (counted by :meth:`rejected`).
+
+        A sample read from a shard keeps its deterministic decoding (or rejection) in
+        ``members`` (for :class:`_ShardCache`); one replayed from the cache reuses it.
+        """
+        prepared = members.get(_PREPARED)
+        if prepared is None:
+            try:
+                prepared = prepare_sample(key, members, spec)
+            except SampleRejected as rej:
+                prepared = rej
+            if _PREPARED not in members:  # a fresh read, not a cached sample kept undecoded
+                members[_PREPARED] = prepared  # type: ignore[assignment]
+        if isinstance(prepared, SampleRejected):
+            self.rejected(url, key, prepared)
             return None
         self._rejected_in_row = 0
-        return decoded
+        return finish_sample(prepared, key, spec, rng)
 
     def snapshot(self) -> dict[str, Any]:
         """The position after the samples read so far (JSON-serializable)."""
@@ -337,7 +411,8 @@ def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Ite
     if plan.buckets:
         yield from _bucketed_worker(plan, worker, state)
         return
-    reader = _Reader(plan, worker, state or {}, "match the model (model.image_size, model.in_channels)")
+    cache = _ShardCache(plan.cache_mb) if plan.cache_mb > 0 else None
+    reader = _Reader(plan, worker, state or {}, "match the model (model.image_size, model.in_channels)", cache)
     samples = reader.samples()
     while True:
         images, keys, labels = [], [], []
@@ -682,6 +757,7 @@ def build_train_stream(
         seed=seed, block_size=max(1, data_cfg.shuffle_buffer), strict=data_cfg.strict, s3_cfg=s3_cfg,
         classes=classes, buckets=resolve_buckets(data_cfg.aspect_buckets, _hw(image_size), size_multiple,
                                                  aspect_ratios(sources) if data_cfg.aspect_buckets == "auto" else None),
+        cache_mb=data_cfg.cache_mb,
     )
     return TrainStream(plan, timeout_s=data_cfg.timeout_s)
 
