@@ -191,8 +191,53 @@ def _take(raw: Iterator[RawSample], n: int) -> tuple[list[RawSample], ShardReadE
 
 _PREPARED = "__prepared__"
 """The members entry where a sample read from a shard keeps its :class:`Prepared` decoding (or rejection)."""
-_ENTRY_OVERHEAD = 256
-"""Bytes counted per cached sample on top of its arrays and strings (the dict, the tuple, the key)."""
+_ENTRY_OVERHEAD = 128
+"""Bytes counted per cached sample on top of its pixels and strings (list slots, the array's header)."""
+
+
+@dataclass
+class _CachedShard:
+    """One shard's samples in stored order, column-wise: a few lists of untracked objects (str, bytes, arrays),
+    so the garbage collector does not walk tens of thousands of cached dicts on every full collection."""
+
+    keys: list[str] = field(default_factory=list)
+    arrays: list[np.ndarray | None] = field(default_factory=list)  # Prepared.array; None: see ``others``
+    labels: list[int] = field(default_factory=list)
+    cls: list[bytes | None] = field(default_factory=list)
+    others: dict[int, Any] = field(default_factory=dict)  # index -> its SampleRejected, or its members as read
+    nbytes: int = 0
+
+    def add(self, key: str, members: dict[str, Any]) -> None:
+        prepared = members.get(_PREPARED)
+        cls = members.get("cls")
+        self.keys.append(key)
+        self.cls.append(cls)
+        if isinstance(prepared, Prepared):
+            self.arrays.append(prepared.array)
+            self.labels.append(prepared.label)
+            self.nbytes += prepared.nbytes
+        else:
+            self.arrays.append(None)
+            self.labels.append(-1)
+            if isinstance(prepared, SampleRejected):
+                self.others[len(self.keys) - 1] = prepared
+            else:  # never decoded here (left out by data.classes, or skipped over on resume): kept as read
+                self.others[len(self.keys) - 1] = {**members, _PREPARED: None}
+                self.nbytes += sum(len(v) for v in members.values() if isinstance(v, bytes))
+        self.nbytes += _ENTRY_OVERHEAD + len(key) + (len(cls) if cls else 0)
+
+    def samples(self) -> Iterator[RawSample]:
+        """The samples as the cursor reads them: (key, members) with the decoding under ``_PREPARED``."""
+        for i, key in enumerate(self.keys):
+            array = self.arrays[i]
+            if array is None:
+                other = self.others[i]
+                members = other if isinstance(other, dict) else {_PREPARED: other}
+            else:
+                members = {_PREPARED: Prepared(array, self.labels[i])}
+            if self.cls[i] is not None and "cls" not in members:
+                members["cls"] = self.cls[i]  # what data.classes reads
+            yield key, members
 
 
 class _ShardCache:
@@ -212,31 +257,22 @@ class _ShardCache:
     def __init__(self, budget_mb: float) -> None:
         self.budget = int(budget_mb * 2**20)
         self.used = 0
-        self._shards: dict[str, list[RawSample]] = {}
+        self._shards: dict[str, _CachedShard] = {}
 
-    def get(self, url: str) -> list[RawSample] | None:
+    def get(self, url: str) -> _CachedShard | None:
         return self._shards.get(url)
 
     def has_room(self) -> bool:
         return self.used < self.budget
 
-    def store(self, url: str, samples: list[RawSample]) -> None:
-        """Keep ``samples`` (all of a shard, in stored order) if they fit; decoded ones shed their encoded bytes."""
-        kept: list[RawSample] = []
-        size = 0
-        for key, members in samples:
-            prepared = members.get(_PREPARED)
-            if isinstance(prepared, (Prepared, SampleRejected)):
-                members = {_PREPARED: prepared, **({"cls": members["cls"]} if "cls" in members else {})}
-            else:  # never decoded here (left out by data.classes, or skipped over on resume): kept as read
-                members = {**members, _PREPARED: None}
-            size += _ENTRY_OVERHEAD + len(key) + sum(
-                value.nbytes if isinstance(value, Prepared) else len(value) if isinstance(value, bytes) else 0
-                for value in members.values())
-            kept.append((key, members))
-        if self.used + size <= self.budget:
-            self._shards[url] = kept
-            self.used += size
+    def fits(self, shard: _CachedShard) -> bool:
+        return self.used + shard.nbytes <= self.budget
+
+    def store(self, url: str, shard: _CachedShard) -> None:
+        """Keep ``shard`` (all of it, in stored order) if it fits the budget."""
+        if self.fits(shard):
+            self._shards[url] = shard
+            self.used += shard.nbytes
 
 
 class _ShardCursor:
@@ -262,6 +298,14 @@ class _ShardCursor:
         choice = self._rng(draw, _SHARD_PICK).choice(len(shards), p=self._p)
         return shards[int(choice)].url
 
+    def _keep(self, record: _CachedShard | None, items: list[RawSample]) -> _CachedShard | None:
+        """``record`` with ``items`` added, or None once the shard can no longer fit the cache."""
+        if record is None:
+            return None
+        for key, members in items:
+            record.add(key, members)
+        return record if self.cache.fits(record) else None  # type: ignore[union-attr]
+
     def samples(self, skips: _Skips) -> Iterator[tuple[str, RawSample]]:
         """Yield (shard url, raw sample) forever, keeping ``draw``/``pos`` current."""
         block = self.plan.block_size
@@ -269,31 +313,29 @@ class _ShardCursor:
         while True:
             url = self._shard_url(self.draw)
             cached = self.cache.get(url) if self.cache is not None else None
-            raw = iter(cached) if cached is not None else iter_shard(url)
-            record = [] if cached is None and self.cache is not None and self.cache.has_room() else None
+            raw = cached.samples() if cached is not None else iter_shard(url)
+            # a shard read from storage is kept block by block, once its samples are decoded (budget allowing)
+            record = _CachedShard() if cached is None and self.cache is not None and self.cache.has_room() else None
             produced, error = 0, None
             try:
                 first_block = self.pos // block
                 skipped, error, ended = _take(raw, first_block * block)
-                if record is not None:
-                    record.extend(skipped)
+                record = self._keep(record, skipped)
                 if len(skipped) < first_block * block:
                     ended = True
                 b = first_block
                 while not ended:
                     items, error, ended = _take(raw, block)
-                    if record is not None:
-                        record.extend(items)
                     order = self._rng(self.draw, b, _BLOCK_ORDER).permutation(len(items)) if block > 1 else [0]
                     for j in range(self.pos - b * block, len(items)):
                         self.pos = b * block + j + 1
                         produced += 1
                         yield url, items[order[j]]
+                    record = self._keep(record, items)  # the consumer has decoded them by now
                     b += 1
             finally:
-                if cached is None:
-                    raw.close()  # type: ignore[union-attr]
-            if record is not None and error is None:  # the consumer has decoded every sample by now
+                raw.close()
+            if record is not None and error is None:
                 self.cache.store(url, record)  # type: ignore[union-attr]
             if error is not None:
                 last_problem = str(error)
