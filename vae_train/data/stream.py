@@ -389,6 +389,7 @@ class _Reader:
         n_sources = len(plan.sources)
         self.cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i], cache=cache)
                         for i in range(n_sources)]
+        self._caching = cache is not None
         self.rng = np.random.default_rng([plan.seed, plan.rank, worker, _WORKER_RNG])
         if "rng" in state:
             self.rng.bit_generator.state = state["rng"]
@@ -439,7 +440,7 @@ class _Reader:
                 prepared = prepare_sample(key, members, spec)
             except SampleRejected as rej:
                 prepared = rej
-            if _PREPARED not in members:  # a fresh read, not a cached sample kept undecoded
+            if self._caching and _PREPARED not in members:  # a fresh read, not a cached sample kept undecoded
                 members[_PREPARED] = prepared  # type: ignore[assignment]
         if isinstance(prepared, SampleRejected):
             self.rejected(url, key, prepared)
