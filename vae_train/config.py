@@ -230,6 +230,12 @@ class DataConfig(Section):
     val: str = Field("", description="Validation source (same forms as train; a directory means its val split).")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes per rank.")
     shuffle_buffer: int = Field(1000, ge=0, description="Samples held for shuffling in each worker (0 = off).")
+    cache_mb: float = Field(
+        0.0, ge=0, description="Memory per training DataLoader worker, in MB, for decoded samples of whole shards "
+        "(0 = off): a shard drawn again is replayed from memory, skipping tar reading and image decoding; the random "
+        "part (crops, flips, dynamic binarization) still runs on every read, so the batches are identical with or "
+        "without it. Shards that do not fit are read from storage as usual. Not used with data.aspect_buckets.",
+    )
     binarize: Literal["auto", "none", "dynamic", "fixed"] = Field(
         "auto",
         description="Binarize pixels for a Bernoulli likelihood: a fresh draw per read (dynamic), a "

@@ -178,11 +178,38 @@ def decode_sample(key: str, members: dict[str, bytes], spec: DecodeSpec,
     ``rng`` is the worker's generator in training (random crop, flip, dynamic
     binarization) and None for validation (centre crop, no flip, and ``dynamic``
     binarization falls back to ``fixed`` so every evaluation sees the same bits).
+    The two halves, :func:`prepare_sample` and :func:`finish_sample`, are separate so
+    that the train stream can keep the first's result for a sample it reads again.
+    """
+    return finish_sample(prepare_sample(key, members, spec), key, spec, rng)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a sample decodes to before anything random: the same on every read, so it may be kept and reused.
+
+    ``array``: uint8 [H', W', C] pixels in the model's mode, resized when ``data.resize`` asks
+    (not yet cropped: crops may be random), or the float32 [C, h, w] latent of a latent sample.
+    """
+
+    array: np.ndarray
+    label: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+
+def prepare_sample(key: str, members: dict[str, bytes], spec: DecodeSpec) -> Prepared:
+    """The deterministic half of :func:`decode_sample`: label, image decoding, mode and size checks, resize.
+
+    Raises :class:`SampleRejected` exactly where :func:`decode_sample` does (nothing
+    random happens before a rejection).
     """
     from PIL import Image
 
     if spec.kind == "latents":
-        return decode_latents(members, spec), read_label(members)
+        return Prepared(decode_latents(members, spec), read_label(members))
     label = read_label(members)
     try:
         image = Image.open(io.BytesIO(image_member(members)))
@@ -193,7 +220,6 @@ def decode_sample(key: str, members: dict[str, bytes], spec: DecodeSpec,
         raise SampleRejected("undecodable", f"{type(exc).__name__}: {exc}") from None
     image = _normalize_mode(image, spec.channels)
     th, tw = spec.hw
-    crop_rng = rng if spec.random_crop else None
     if image.size != (tw, th):
         width, height = image.size
         if spec.resize:
@@ -202,10 +228,22 @@ def decode_sample(key: str, members: dict[str, bytes], spec: DecodeSpec,
             raise SampleRejected("size", f"{width}x{height} image (width x height), expected {tw}x{th} "
                                  "(set data.resize=true to resize, or data.random_crop=true to crop larger images)")
     pixels = np.asarray(image)
-    if pixels.shape[0] != th or pixels.shape[1] != tw:
-        pixels = _crop(pixels, (th, tw), crop_rng)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
+    pixels.flags.writeable = False  # it may be kept and read again: nothing may change it in place
+    return Prepared(pixels, label)
+
+
+def finish_sample(prepared: Prepared, key: str, spec: DecodeSpec,
+                  rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+    """The random half of :func:`decode_sample`: crop, flip, scale and binarize ``prepared`` (never modified)."""
+    if spec.kind == "latents":
+        return prepared.array, prepared.label
+    pixels = prepared.array
+    th, tw = spec.hw
+    crop_rng = rng if spec.random_crop else None
+    if pixels.shape[0] != th or pixels.shape[1] != tw:
+        pixels = _crop(pixels, (th, tw), crop_rng)
     if rng is not None and spec.random_flip and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
     x = pixels.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
@@ -215,7 +253,7 @@ def decode_sample(key: str, members: dict[str, bytes], spec: DecodeSpec,
     low, high = spec.value_range
     if (low, high) != (0.0, 1.0):
         x = x * np.float32(high - low) + np.float32(low)
-    return np.ascontiguousarray(x), label
+    return np.ascontiguousarray(x), prepared.label
 
 
 def decode_latents(members: dict[str, bytes], spec: DecodeSpec) -> np.ndarray:

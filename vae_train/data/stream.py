@@ -106,7 +106,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vae_train.data import s3_opener
 from vae_train.data.classes import MAX_CONSECUTIVE_FILTERED, check_labels_occur, keeps, too_many_filtered
 from vae_train.data.buckets import nearest_bucket, resolve_buckets
-from vae_train.data.decode import SAMPLE_KINDS, DecodeSpec, SampleRejected, decode_sample, image_dimensions
+from vae_train.data.decode import (SAMPLE_KINDS, DecodeSpec, Prepared, SampleRejected, decode_sample, finish_sample,
+                                   image_dimensions, prepare_sample)
 from vae_train.data.errors import DataError
 from vae_train.data.sources import Source, aspect_ratios, fingerprint, resolve_sources
 from vae_train.data.tario import RawSample, ShardReadError, iter_shard
@@ -145,6 +146,7 @@ class _Plan:
     s3_cfg: Any
     classes: frozenset[int] = frozenset()  # data.classes; empty = keep every sample
     buckets: tuple[tuple[int, int], ...] = ()  # aspect buckets (H, W); empty = every image spec.image_size
+    cache_mb: float = 0.0  # data.cache_mb: decoded samples kept per worker (0 = off; unbucketed train stream only)
 
     @property
     def logical_workers(self) -> int:
@@ -187,11 +189,99 @@ def _take(raw: Iterator[RawSample], n: int) -> tuple[list[RawSample], ShardReadE
     return items, None, True
 
 
+_PREPARED = "__prepared__"
+"""The members entry where a sample read from a shard keeps its :class:`Prepared` decoding (or rejection)."""
+_ENTRY_OVERHEAD = 128
+"""Bytes counted per cached sample on top of its pixels and strings (list slots, the array's header)."""
+
+
+@dataclass
+class _CachedShard:
+    """One shard's samples in stored order, column-wise: a few lists of untracked objects (str, bytes, arrays),
+    so the garbage collector does not walk tens of thousands of cached dicts on every full collection."""
+
+    keys: list[str] = field(default_factory=list)
+    arrays: list[np.ndarray | None] = field(default_factory=list)  # Prepared.array; None: see ``others``
+    labels: list[int] = field(default_factory=list)
+    cls: list[bytes | None] = field(default_factory=list)
+    others: dict[int, Any] = field(default_factory=dict)  # index -> its SampleRejected, or its members as read
+    nbytes: int = 0
+
+    def add(self, key: str, members: dict[str, Any]) -> None:
+        prepared = members.get(_PREPARED)
+        cls = members.get("cls")
+        self.keys.append(key)
+        self.cls.append(cls)
+        if isinstance(prepared, Prepared):
+            self.arrays.append(prepared.array)
+            self.labels.append(prepared.label)
+            self.nbytes += prepared.nbytes
+        else:
+            self.arrays.append(None)
+            self.labels.append(-1)
+            if isinstance(prepared, SampleRejected):
+                self.others[len(self.keys) - 1] = prepared
+            else:  # never decoded here (left out by data.classes, or skipped over on resume): kept as read
+                self.others[len(self.keys) - 1] = {**members, _PREPARED: None}
+                self.nbytes += sum(len(v) for v in members.values() if isinstance(v, bytes))
+        self.nbytes += _ENTRY_OVERHEAD + len(key) + (len(cls) if cls else 0)
+
+    def samples(self) -> Iterator[RawSample]:
+        """The samples as the cursor reads them: (key, members) with the decoding under ``_PREPARED``."""
+        for i, key in enumerate(self.keys):
+            array = self.arrays[i]
+            if array is None:
+                other = self.others[i]
+                members = other if isinstance(other, dict) else {_PREPARED: other}
+            else:
+                members = {_PREPARED: Prepared(array, self.labels[i])}
+            if self.cls[i] is not None and "cls" not in members:
+                members["cls"] = self.cls[i]  # what data.classes reads
+            yield key, members
+
+
+class _ShardCache:
+    """A worker's decoded samples of whole shards (``data.cache_mb``), so a shard drawn again skips tar and decoding.
+
+    Why whole shards: the cursor reads a shard in blocks, and replaying a stored list
+    of its samples in stored order gives the very blocks, permutations and positions a
+    re-read would, so batches and resume stay exact with or without the cache. A shard
+    is stored only once read to its end without error (a damaged shard is read again,
+    and counted again, as without the cache). What is kept per sample is what
+    :func:`prepare_sample` made of it (or its rejection) plus its label member: the
+    random half (crop, flip, binarization) still runs on every read. Shards that would
+    overflow the budget are not kept; nothing is ever evicted (the first shards drawn
+    stay: with resampling, any shard is as likely as another to come again).
+    """
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+        self._shards: dict[str, _CachedShard] = {}
+
+    def get(self, url: str) -> _CachedShard | None:
+        return self._shards.get(url)
+
+    def has_room(self) -> bool:
+        return self.used < self.budget
+
+    def fits(self, shard: _CachedShard) -> bool:
+        return self.used + shard.nbytes <= self.budget
+
+    def store(self, url: str, shard: _CachedShard) -> None:
+        """Keep ``shard`` (all of it, in stored order) if it fits the budget."""
+        if self.fits(shard):
+            self._shards[url] = shard
+            self.used += shard.nbytes
+
+
 class _ShardCursor:
     """One worker's resampled walk over one source: shard draw ``draw``, ``pos`` samples into it."""
 
-    def __init__(self, plan: _Plan, worker: int, index: int, draw: int = 0, pos: int = 0) -> None:
+    def __init__(self, plan: _Plan, worker: int, index: int, draw: int = 0, pos: int = 0,
+                 cache: _ShardCache | None = None) -> None:
         self.plan, self.worker, self.index = plan, worker, index
+        self.cache = cache
         self.source = plan.sources[index]
         self.draw, self.pos = draw, pos
         counts = [shard.num_samples for shard in self.source.shards]
@@ -208,17 +298,29 @@ class _ShardCursor:
         choice = self._rng(draw, _SHARD_PICK).choice(len(shards), p=self._p)
         return shards[int(choice)].url
 
+    def _keep(self, record: _CachedShard | None, items: list[RawSample]) -> _CachedShard | None:
+        """``record`` with ``items`` added, or None once the shard can no longer fit the cache."""
+        if record is None:
+            return None
+        for key, members in items:
+            record.add(key, members)
+        return record if self.cache.fits(record) else None  # type: ignore[union-attr]
+
     def samples(self, skips: _Skips) -> Iterator[tuple[str, RawSample]]:
         """Yield (shard url, raw sample) forever, keeping ``draw``/``pos`` current."""
         block = self.plan.block_size
         empty, last_problem = 0, ""
         while True:
             url = self._shard_url(self.draw)
-            raw = iter_shard(url)
+            cached = self.cache.get(url) if self.cache is not None else None
+            raw = cached.samples() if cached is not None else iter_shard(url)
+            # a shard read from storage is kept block by block, once its samples are decoded (budget allowing)
+            record = _CachedShard() if cached is None and self.cache is not None and self.cache.has_room() else None
             produced, error = 0, None
             try:
                 first_block = self.pos // block
                 skipped, error, ended = _take(raw, first_block * block)
+                record = self._keep(record, skipped)
                 if len(skipped) < first_block * block:
                     ended = True
                 b = first_block
@@ -229,9 +331,12 @@ class _ShardCursor:
                         self.pos = b * block + j + 1
                         produced += 1
                         yield url, items[order[j]]
+                    record = self._keep(record, items)  # the consumer has decoded them by now
                     b += 1
             finally:
                 raw.close()
+            if record is not None and error is None:
+                self.cache.store(url, record)  # type: ignore[union-attr]
             if error is not None:
                 last_problem = str(error)
                 skips.skip(url, "shard_error", f"the rest of shard {error}")
@@ -249,14 +354,29 @@ class _ShardCursor:
 
 def _batch(images: list[np.ndarray], keys: list[str], labels: list[int], mask: list[bool] | None = None,
            field: str = "image") -> dict[str, Any]:
-    batch: dict[str, Any] = {
-        field: torch.from_numpy(np.stack(images)),
-        "key": keys,
-        "label": torch.tensor(labels, dtype=torch.int64),
-    }
+    """A batch as numpy arrays; :func:`_tensors` makes them tensors where the batch is consumed.
+
+    Why not tensors here: DataLoader hands a worker's tensors over as shared-memory
+    file descriptors, one socket round trip to the worker per tensor in the consuming
+    process (~0.5 ms each, measured: most of the training process's cost per batch),
+    while arrays are pickled by value through the worker's pipe (a copy of a few
+    hundred KB). ``_loader`` passes items through as they are (no default conversion).
+    """
+    batch: dict[str, Any] = {field: np.stack(images), "key": keys, "label": np.asarray(labels, dtype=np.int64)}
     if mask is not None:
-        batch["mask"] = torch.tensor(mask, dtype=torch.bool)
+        batch["mask"] = np.asarray(mask, dtype=bool)
     return batch
+
+
+def _tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with its arrays copied into tensors of torch's allocator.
+
+    Why a copy (~10 us per batch): unpickled arrays are only 16-byte aligned, and
+    vectorised kernels may sum in another order on data of another alignment; torch's
+    64-byte aligned memory keeps the model's numbers independent of where an array landed.
+    """
+    return {name: torch.from_numpy(value).clone() if isinstance(value, np.ndarray) else value
+            for name, value in batch.items()}
 
 
 class _Reader:
@@ -269,11 +389,13 @@ class _Reader:
     (:meth:`snapshot`) then serve both, so the two loops cannot drift apart.
     """
 
-    def __init__(self, plan: _Plan, worker: int, state: dict[str, Any], hint: str) -> None:
+    def __init__(self, plan: _Plan, worker: int, state: dict[str, Any], hint: str,
+                 cache: _ShardCache | None = None) -> None:
         self.plan = plan
         n_sources = len(plan.sources)
-        self.cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i])
+        self.cursors = [_ShardCursor(plan, worker, i, *state.get("cursors", [[0, 0]] * n_sources)[i], cache=cache)
                         for i in range(n_sources)]
+        self._caching = cache is not None
         self.rng = np.random.default_rng([plan.seed, plan.rank, worker, _WORKER_RNG])
         if "rng" in state:
             self.rng.bit_generator.state = state["rng"]
@@ -313,14 +435,24 @@ class _Reader:
 
     def decode(self, url: str, key: str, members: dict[str, bytes], spec: DecodeSpec,
                rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
-        """(image, label) of one sample, or None when the decoder refused it (counted by :meth:`rejected`)."""
-        try:
-            decoded = decode_sample(key, members, spec, rng)
-        except SampleRejected as rej:
-            self.rejected(url, key, rej)
+        """(image, label) of one sample, or None when the decoder refused it (counted by :meth:`rejected`).
+
+        A sample read from a shard keeps its deterministic decoding (or rejection) in
+        ``members`` (for :class:`_ShardCache`); one replayed from the cache reuses it.
+        """
+        prepared = members.get(_PREPARED)
+        if prepared is None:
+            try:
+                prepared = prepare_sample(key, members, spec)
+            except SampleRejected as rej:
+                prepared = rej
+            if self._caching and _PREPARED not in members:  # a fresh read, not a cached sample kept undecoded
+                members[_PREPARED] = prepared  # type: ignore[assignment]
+        if isinstance(prepared, SampleRejected):
+            self.rejected(url, key, prepared)
             return None
         self._rejected_in_row = 0
-        return decoded
+        return finish_sample(prepared, key, spec, rng)
 
     def snapshot(self) -> dict[str, Any]:
         """The position after the samples read so far (JSON-serializable)."""
@@ -337,7 +469,8 @@ def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Ite
     if plan.buckets:
         yield from _bucketed_worker(plan, worker, state)
         return
-    reader = _Reader(plan, worker, state or {}, "match the model (model.image_size, model.in_channels)")
+    cache = _ShardCache(plan.cache_mb) if plan.cache_mb > 0 else None
+    reader = _Reader(plan, worker, state or {}, "match the model (model.image_size, model.in_channels)", cache)
     samples = reader.samples()
     while True:
         images, keys, labels = [], [], []
@@ -465,11 +598,17 @@ def _loader(dataset: _WorkerDataset, num_workers: int, timeout_s: float) -> Iter
     # A private generator: by default DataLoader draws its base seed from the global torch RNG
     # when iterated, which shifts the model's noise stream and breaks exact resume.
     # Workers ignore SLURM's job-wide SIGTERM/SIGUSR1 so they outlive the trainer's preemption save.
-    return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers,
+    return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
                            worker_init_fn=shield_worker_from_job_signals if num_workers > 0 else None,
                            generator=torch.Generator().manual_seed(dataset.plan.seed),
                            timeout=timeout_s if num_workers > 0 else 0,
                            prefetch_factor=2 if num_workers > 0 else None))
+
+
+def _as_is(item: Any) -> Any:
+    """DataLoader's collate for ready-made items: none (its default would make the batch's arrays tensors in the
+    worker, which then travel as shared-memory file descriptors, see :func:`_batch`)."""
+    return item
 
 
 def _next_item(iterator: Iterator[Any], plan: _Plan, timeout_s: float) -> Any:
@@ -564,6 +703,7 @@ class TrainStream:
             raise
         if worker != self._next_worker:  # DataLoader's in-order round-robin is what makes resume exact
             raise RuntimeError(f"batch came from worker {worker}, expected {self._next_worker}")
+        batch = _tensors(batch)
         self._states[worker] = state
         self._next_worker = (worker + 1) % self._plan.logical_workers
         self.batches += 1
@@ -682,6 +822,7 @@ def build_train_stream(
         seed=seed, block_size=max(1, data_cfg.shuffle_buffer), strict=data_cfg.strict, s3_cfg=s3_cfg,
         classes=classes, buckets=resolve_buckets(data_cfg.aspect_buckets, _hw(image_size), size_multiple,
                                                  aspect_ratios(sources) if data_cfg.aspect_buckets == "auto" else None),
+        cache_mb=data_cfg.cache_mb,
     )
     return TrainStream(plan, timeout_s=data_cfg.timeout_s)
 
@@ -795,7 +936,7 @@ class ValStream:
         for _ in range(self._layout.num_batches):
             batch, worker, counts = _next_item(iterator, plan, self._timeout_s)
             latest[worker] = counts
-            yield batch
+            yield _tensors(batch)
         self._skipped = Counter()
         for counts in latest.values():
             self._skipped.update(counts["skipped"])
