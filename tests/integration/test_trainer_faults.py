@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.trainer_runs import (
+    REFERENCE,
     assert_same_tensors,
     has_object,
     killed,
@@ -31,9 +32,8 @@ from tests.launching import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-STEPS, EVERY = 20, 5
-RUN = (f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=10",
-       "distributed.zero_stage=2", "resume=auto")
+STEPS, EVERY = REFERENCE.steps, REFERENCE.every
+RUN = (*REFERENCE.overrides(2), "checkpoint.keep_last=10")
 
 
 def _step(n: int) -> str:
@@ -41,11 +41,9 @@ def _step(n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(fashion_shards, tmp_path_factory) -> dict:
-    """Final weights of the uninterrupted run (local checkpoints only)."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    ok(start_train(fashion_shards, run, *RUN))
-    return weights(run / "checkpoints" / _step(STEPS))
+def reference(reference_weights) -> dict:
+    """Final weights of the uninterrupted ZeRO-2 run (local checkpoints only; shared with test_checkpoint_e2e)."""
+    return reference_weights(2)
 
 
 def _check_final(run: Path, reference: dict) -> None:
