@@ -1,6 +1,6 @@
 """The exact-resume property with the real trainer: ``torchrun train.py``, 2 ranks, CPU, fp32, ZeRO-1, 2 and 3.
 
-An uninterrupted run of 2N steps (the session's ``reference_weights``, shared with
+An uninterrupted run of 2N steps (the session's ``reference_run``, shared with
 test_trainer_faults.py) and a run SIGKILLed right after its step-N checkpoint
 committed to S3 (``tests/integration/train_kill_after_save.py``), then resumed
 from S3 into an empty run dir with ``resume=auto``, end with bitwise-identical
@@ -55,7 +55,7 @@ def _has(client, bucket: str, key: str) -> bool:
 
 @pytest.mark.parametrize("stage", [1, 2, 3], ids=["zero1", "zero2", "zero3"])
 def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server, s3_bucket, tmp_path, stage,
-                                                      reference_weights):
+                                                      reference_run):
     env = s3_server.env()
     remote = f"s3://{s3_bucket}/run"
     client = s3_server.client()
@@ -77,7 +77,7 @@ def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server,
     assert f"resumed from {resumed}/checkpoints/step-{N:08d} at step {N} (exact: same world size 2)" in log
     assert s3_server.secret_key not in log
 
-    want = reference_weights(stage)
+    want = reference_run(stage).weights
     got, _ = consolidated_state_dict(resumed / "checkpoints" / f"step-{2 * N:08d}")
     assert sorted(want) == sorted(got)
     different = [k for k in want if not torch.equal(want[k], got[k])]

@@ -33,7 +33,7 @@ from tests.launching import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 STEPS, EVERY = REFERENCE.steps, REFERENCE.every
-RUN = (*REFERENCE.overrides(2), "checkpoint.keep_last=10")
+RUN = REFERENCE.overrides(2)
 
 
 def _step(n: int) -> str:
@@ -41,9 +41,9 @@ def _step(n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(reference_weights) -> dict:
-    """Final weights of the uninterrupted ZeRO-2 run (local checkpoints only; shared with test_checkpoint_e2e)."""
-    return reference_weights(2)
+def reference(reference_run) -> dict:
+    """Final weights of the uninterrupted ZeRO-2 run (shared with test_checkpoint_e2e)."""
+    return reference_run(2).weights
 
 
 def _check_final(run: Path, reference: dict) -> None:
@@ -159,10 +159,13 @@ def test_s3_down_mid_run_training_continues_and_later_checkpoints_commit(fashion
 
 
 def test_tampered_remote_file_is_refused_and_the_previous_commit_resumed(fashion_shards, tmp_path, reference,
-                                                                         s3_server, s3_bucket):
-    """One flipped bit in the newest remote checkpoint (20): a resume refuses it, naming it, and retrains 16-20."""
+                                                                         reference_run, s3_server):
+    """One flipped bit in the newest remote checkpoint (20): a resume refuses it, naming it, and retrains 16-20.
+
+    The history is the reference run's own (4 committed checkpoints on S3); this is its last user.
+    """
+    s3_bucket = reference_run(2).bucket
     remote, client = f"s3://{s3_bucket}/run", s3_server.client()
-    ok(start_train(fashion_shards, tmp_path / "first", *RUN, f"checkpoint.remote={remote}", env=s3_server.env()))
     assert _committed(client, s3_bucket, "run") == {5, 10, 15, 20}
     key = _remote_key_of(client, s3_bucket, 20, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     assert key is not None

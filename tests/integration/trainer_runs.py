@@ -31,9 +31,19 @@ class ReferenceRun:
     steps: int = 20
     every: int = 5
 
+    keep_last: int = 10  # every save of the run stays committed (20 / 5 = 4 of them)
+
     def overrides(self, stage: int) -> tuple[str, ...]:
         return (f"train.max_steps={self.steps}", f"checkpoint.every_steps={self.every}",
-                f"distributed.zero_stage={stage}", "resume=auto")
+                f"checkpoint.keep_last={self.keep_last}", f"distributed.zero_stage={stage}", "resume=auto")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A finished reference run: its final merged weights and the bucket its checkpoints went to (prefix ``run``)."""
+
+    weights: dict[str, torch.Tensor]
+    bucket: str
 
 
 REFERENCE = ReferenceRun()
