@@ -17,6 +17,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.fixtures.data import FASHION_LIMIT, FASHION_SAMPLES_PER_SHARD
 from tests.fixtures.s3 import S3Server
 from tests.fixtures.slurm import SlurmCluster
 
@@ -132,12 +133,10 @@ def _digests(directory: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(300)
 def test_prepare_job_array_writes_the_same_shards_as_one_process(
-        cluster: SlurmCluster, tmp_path: Path) -> None:
-    from vae_train.cli import main
-
-    options = ["--limit", "3000", "--samples-per-shard", "500", "--no-progress"]
-    single, sliced = tmp_path / "single", tmp_path / "sliced"
-    assert main(["prepare", "fashion-mnist", "--out", str(single), "--workers", "1", *options]) == 0
+        cluster: SlurmCluster, fashion_shards: Path, tmp_path: Path) -> None:
+    # The session's shards are the one-process run: `vae-train prepare fashion-mnist` with these options, 1 worker.
+    options = ["--limit", str(FASHION_LIMIT), "--samples-per-shard", str(FASHION_SAMPLES_PER_SHARD), "--no-progress"]
+    single, sliced = fashion_shards, tmp_path / "sliced"
 
     env = dict(cluster.env, PYTHON=sys.executable)
     array = cluster.sbatch("--chdir", str(REPO), "--array=0-2", "--cpus-per-task=1",
