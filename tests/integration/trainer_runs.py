@@ -30,7 +30,6 @@ class ReferenceRun:
 
     steps: int = 20
     every: int = 5
-
     keep_last: int = 10  # every save of the run stays committed (20 / 5 = 4 of them)
 
     def overrides(self, stage: int) -> tuple[str, ...]:
