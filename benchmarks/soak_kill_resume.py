@@ -164,8 +164,10 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         bucket = server.new_bucket()
         client = server.client()
         env = server.env()
-        shards = work / "shards"
-        _prepare_shards(shards)
+        shards = args.shards
+        if shards is None:
+            shards = work / "shards"
+            _prepare_shards(shards)
 
         # The reference: uninterrupted, local checkpoints only.
         ref_dir = work / "reference"
@@ -288,6 +290,8 @@ def main() -> int:
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     parser.add_argument("--workdir", type=Path, default=None, help="kept after the run (default: a temp dir)")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="train on these shards (e.g. the test session's) instead of preparing 3,000 images here")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,7 +1,8 @@
 """The exact-resume property with the real trainer: ``torchrun train.py``, 2 ranks, CPU, fp32, ZeRO-1, 2 and 3.
 
-An uninterrupted run of 2N steps and a run SIGKILLed right after its step-N
-checkpoint committed to S3 (``tests/integration/train_kill_after_save.py``), then resumed
+An uninterrupted run of 2N steps (the session's ``reference_run``, shared with
+test_trainer_faults.py) and a run SIGKILLed right after its step-N checkpoint
+committed to S3 (``tests/integration/train_kill_after_save.py``), then resumed
 from S3 into an empty run dir with ``resume=auto``, end with bitwise-identical
 weights (real Fashion-MNIST shards, real SeaweedFS, the fused op required). The
 resumed run's final checkpoint is then exported (``vae-train export``: the ZeRO
@@ -18,20 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration.trainer_runs import REFERENCE
 from tests.launching import clean_env, finish, kill_group, start, torchrun
 from vae_train.cli import main
 from vae_train.export import consolidated_state_dict, load_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-N = 10
+N = REFERENCE.steps // 2
 
 
 def _start(shards: Path, run_dir: Path, env: dict[str, str], stage: int, *overrides: str,
            script: str = "train.py") -> subprocess.Popen:
     cmd = torchrun(script, "--config", "configs/tiny.yaml",
                    f"data.train={shards}", f"data.val={shards}", f"run_dir={run_dir}", f"distributed.zero_stage={stage}",
-                   "distributed.precision=fp32", f"train.max_steps={2 * N}", "checkpoint.every_steps=5",
+                   "distributed.precision=fp32", f"train.max_steps={2 * N}", f"checkpoint.every_steps={REFERENCE.every}",
                    "logging.image_every=0", "logging.histogram_every=0", "resume=auto", *overrides)
     return start(cmd, env=clean_env(VAE_TRAIN_REQUIRE_FUSED="1", **env))
 
@@ -52,13 +54,11 @@ def _has(client, bucket: str, key: str) -> bool:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3], ids=["zero1", "zero2", "zero3"])
-def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server, s3_bucket, tmp_path, stage):
+def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server, s3_bucket, tmp_path, stage,
+                                                      reference_run):
     env = s3_server.env()
     remote = f"s3://{s3_bucket}/run"
     client = s3_server.client()
-
-    reference = tmp_path / "reference"
-    _finish(_start(fashion_shards, reference, env, stage))
 
     # Same run, SIGKILLed right after its step-N checkpoint committed and uploaded to S3.
     killed = _start(fashion_shards, tmp_path / "killed", {**env, "VAE_TEST_KILL_AFTER_STEP": str(N)}, stage,
@@ -77,7 +77,7 @@ def test_sigkill_then_resume_from_s3_is_bitwise_exact(fashion_shards, s3_server,
     assert f"resumed from {resumed}/checkpoints/step-{N:08d} at step {N} (exact: same world size 2)" in log
     assert s3_server.secret_key not in log
 
-    want, _ = consolidated_state_dict(reference / "checkpoints" / f"step-{2 * N:08d}")
+    want = reference_run(stage).weights
     got, _ = consolidated_state_dict(resumed / "checkpoints" / f"step-{2 * N:08d}")
     assert sorted(want) == sorted(got)
     different = [k for k in want if not torch.equal(want[k], got[k])]

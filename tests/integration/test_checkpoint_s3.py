@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,40 +58,100 @@ def _assert_equal_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_exact_resume_from_s3_into_empty_run_dir_after_sigkill(s3_server, s3_bucket, tmp_path):
+@pytest.fixture(scope="module")
+def exact_resume(s3_server, tmp_path_factory) -> SimpleNamespace:
+    """One SIGKILL-then-resume-from-S3 scenario (3 jobs) that the exact-resume and export tests both read.
+
+    The reference runs 8 steps uninterrupted (local only); the same run is SIGKILLed
+    right after its step-4 checkpoint committed to S3 (the bucket's state is recorded
+    then); a third job resumes into an empty run dir from S3 and runs to step 8.
+    """
+    tmp_path = tmp_path_factory.mktemp("exact")
     env = s3_server.env()
-    remote = f"s3://{s3_bucket}/exact"
-    # The reference: 8 steps uninterrupted (local only).
+    bucket = s3_server.new_bucket()
+    remote = f"s3://{bucket}/exact"
+    client = s3_server.client()
     ref = _spec(tmp_path, "ref", steps=8)
     _ok(run_job(ref, tmp_path, env))
-    # The same run SIGKILLed right after the step-4 checkpoint committed to S3.
     killed = _spec(tmp_path, "killed", steps=8, remote=remote, keep_last=2, kill_after_save=4)
     _killed(run_job(killed, tmp_path, env))
-    by_step, committed = _remote(s3_server, s3_bucket, "exact")
-    assert committed == {2, 4}
-    manifest = ck.Manifest.from_json(s3_server.client().get_object(
-        Bucket=s3_bucket, Key="exact/step-00000004/manifest.json")["Body"].read(), "remote")
-    assert manifest.world_size == 2 and manifest.zero_stage == 2 and manifest.step == 4
-    assert manifest.writer.startswith("g00000001-")  # the first incarnation on this prefix; its files live under it
-    assert sorted(manifest.remote_key(n) for n in manifest.files) == sorted(k for k in by_step[4] if not k.endswith(ck.MANIFEST))
-    for name, entry in manifest.files.items():  # every listed file is there, verified by its stored hash
-        head = s3_server.client().head_object(Bucket=s3_bucket, Key=f"exact/{manifest.remote_key(name)}")
-        assert head["ContentLength"] == entry.size and head["Metadata"]["sha256"] == entry.sha256
-    # Resume on a "new machine": an empty run dir, everything comes from S3.
+    by_step, committed = _remote(s3_server, bucket, "exact")
+    manifest = ck.Manifest.from_json(client.get_object(
+        Bucket=bucket, Key="exact/step-00000004/manifest.json")["Body"].read(), "remote") if 4 in committed else None
+    heads = {} if manifest is None else {
+        name: client.head_object(Bucket=bucket, Key=f"exact/{manifest.remote_key(name)}") for name in manifest.files}
     resumed = _spec(tmp_path, "resumed", steps=8, remote=remote, keep_last=2)
     log = _ok(run_job(resumed, tmp_path, env))
+    return SimpleNamespace(bucket=bucket, remote=remote, env=env, ref=ref, resumed=resumed, log=log,
+                           after_kill=SimpleNamespace(by_step=by_step, committed=committed, manifest=manifest,
+                                                      heads=heads))
+
+
+def test_exact_resume_from_s3_into_empty_run_dir_after_sigkill(s3_server, exact_resume):
+    bucket, after_kill = exact_resume.bucket, exact_resume.after_kill
+    # After the SIGKILL right after the step-4 commit: steps 2 and 4 committed, step 4's files all listed and intact.
+    assert after_kill.committed == {2, 4}
+    manifest = after_kill.manifest
+    assert manifest.world_size == 2 and manifest.zero_stage == 2 and manifest.step == 4
+    assert manifest.writer.startswith("g00000001-")  # the first incarnation on this prefix; its files live under it
+    assert sorted(manifest.remote_key(n) for n in manifest.files) == \
+        sorted(k for k in after_kill.by_step[4] if not k.endswith(ck.MANIFEST))
+    for name, entry in manifest.files.items():  # every listed file is there, verified by its stored hash
+        head = after_kill.heads[name]
+        assert head["ContentLength"] == entry.size and head["Metadata"]["sha256"] == entry.sha256
+    # The resume on a "new machine": an empty run dir, everything came from S3.
+    resumed, log = exact_resume.resumed, exact_resume.log
     res = result(resumed)
     assert res["resumed_from"] == 4 and res["elastic"] is False and res["uploads_done"]
     assert "resumed from" in log and "exact" in log
-    _assert_equal_tensors(load_file(Path(ref["out"]) / "final_full.safetensors"),
+    _assert_equal_tensors(load_file(Path(exact_resume.ref["out"]) / "final_full.safetensors"),
                           load_file(Path(resumed["out"]) / "final_full.safetensors"))
     # Retention: the newest keep_last=2 committed, locally and remotely; nothing uncommitted left behind.
-    _, committed = _remote(s3_server, s3_bucket, "exact")
+    _, committed = _remote(s3_server, bucket, "exact")
     assert committed == {6, 8}
     local = sorted(p.name for p in (Path(resumed["run_dir"]) / "checkpoints").glob("step-*"))
     assert local == ["step-00000006", "step-00000008"]
-    hint = s3_server.client().get_object(Bucket=s3_bucket, Key="exact/latest")["Body"].read()
+    hint = s3_server.client().get_object(Bucket=bucket, Key="exact/latest")["Body"].read()
     assert hint == b"step-00000008"
+
+
+def test_export_from_s3_and_load_model_without_deepspeed(exact_resume, tmp_path, monkeypatch):
+    """The resumed run's final checkpoint (step 8, committed to S3) exported from S3 and from its local copy."""
+    env, remote, spec = exact_resume.env, exact_resume.remote, exact_resume.resumed
+    weights = Path(spec["out"]) / "final_weights.safetensors"
+    out_dir = tmp_path / "export-fp32"
+    cli = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000008", "--out", str(out_dir)],
+                         capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    meta = json.loads((out_dir / "config.json").read_text())
+    assert meta["dtype"] == "fp32" and meta["step"] == 8 and meta["model"]["base_channels"] == 8
+    # load_model in a process where importing deepspeed is impossible.
+    check = (
+        "import sys; sys.modules['deepspeed'] = None\n"
+        "import torch, vae_train\nfrom safetensors.torch import load_file\n"
+        f"m = vae_train.load_model({str(out_dir)!r})\n"
+        f"ref = load_file({str(weights)!r}); sd = m.state_dict()\n"
+        "assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)\n"
+        "assert not m.training and m.sample(2).shape == (2, 1, 8, 8)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # bf16 export, in this process, straight from S3; load_model also takes the checkpoint itself.
+    from vae_train import load_model
+    from vae_train.export import export_checkpoint
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ref = load_file(weights)
+    bf16 = export_checkpoint(f"{remote}/step-00000008", tmp_path / "export-bf16", "bf16")
+    assert {v.dtype for v in load_file(bf16 / "model.safetensors").values()} == {torch.bfloat16}
+    sd = load_model(bf16).state_dict()
+    assert all(torch.equal(sd[k], ref[k].to(torch.bfloat16).float()) for k in ref)
+    sd = load_model(Path(spec["run_dir"]) / "checkpoints" / "step-00000008").state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    bad = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000099", "--out",
+                          str(tmp_path / "x")], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert bad.returncode == 2 and "not a committed checkpoint" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_elastic_resume_2_to_1_and_2_to_4(s3_server, s3_bucket, tmp_path):
@@ -202,44 +263,3 @@ def _wait(path: Path, proc: subprocess.Popen, timeout_s: float = 180) -> None:
             raise AssertionError(f"job ended early:\n{proc.stdout.read()[-4000:]}")
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
-
-
-def test_export_from_s3_and_load_model_without_deepspeed(s3_server, s3_bucket, tmp_path, monkeypatch):
-    env = s3_server.env()
-    remote = f"s3://{s3_bucket}/export"
-    spec = _spec(tmp_path, "exp", steps=2, remote=remote)
-    _ok(run_job(spec, tmp_path, env))
-    weights = Path(spec["out"]) / "final_weights.safetensors"
-    out_dir = tmp_path / "export-fp32"
-    cli = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000002", "--out", str(out_dir)],
-                         capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    meta = json.loads((out_dir / "config.json").read_text())
-    assert meta["dtype"] == "fp32" and meta["step"] == 2 and meta["model"]["base_channels"] == 8
-    # load_model in a process where importing deepspeed is impossible.
-    check = (
-        "import sys; sys.modules['deepspeed'] = None\n"
-        "import torch, vae_train\nfrom safetensors.torch import load_file\n"
-        f"m = vae_train.load_model({str(out_dir)!r})\n"
-        f"ref = load_file({str(weights)!r}); sd = m.state_dict()\n"
-        "assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)\n"
-        "assert not m.training and m.sample(2).shape == (2, 1, 8, 8)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    # bf16 export, in this process, straight from S3; load_model also takes the checkpoint itself.
-    from vae_train import load_model
-    from vae_train.export import export_checkpoint
-
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    ref = load_file(weights)
-    bf16 = export_checkpoint(f"{remote}/step-00000002", tmp_path / "export-bf16", "bf16")
-    assert {v.dtype for v in load_file(bf16 / "model.safetensors").values()} == {torch.bfloat16}
-    sd = load_model(bf16).state_dict()
-    assert all(torch.equal(sd[k], ref[k].to(torch.bfloat16).float()) for k in ref)
-    sd = load_model(Path(spec["run_dir"]) / "checkpoints" / "step-00000002").state_dict()
-    assert all(torch.equal(sd[k], ref[k]) for k in ref)
-    bad = subprocess.run([sys.executable, "-m", "vae_train", "export", f"{remote}/step-00000099", "--out",
-                          str(tmp_path / "x")], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-    assert bad.returncode == 2 and "not a committed checkpoint" in bad.stderr and "Traceback" not in bad.stderr

@@ -16,11 +16,11 @@ from tests.launching import REPO, clean_env, run
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_soak_two_kills_no_corrupt_resume_no_lost_step_every_step_once(tmp_path):
+def test_soak_two_kills_no_corrupt_resume_no_lost_step_every_step_once(fashion_shards, tmp_path):
     out = tmp_path / "soak.json"
     result = run([sys.executable, "benchmarks/soak_kill_resume.py", "--kills", "2", "--steps", "40", "--every", "3",
-                  "--workdir", str(tmp_path / "work"), "--json", str(out)], env=clean_env(), cwd=REPO,
-                 timeout_s=800, merge_stderr=True)
+                  "--shards", str(fashion_shards), "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                 env=clean_env(), cwd=REPO, timeout_s=800, merge_stderr=True)
     assert out.exists(), result.stdout[-4000:]
     soak = json.loads(out.read_text())
     assert soak["kills"] == 2, result.stdout[-4000:]

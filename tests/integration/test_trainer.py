@@ -1,10 +1,13 @@
 """The trainer as users run it: real multi-process DeepSpeed runs on CPU (gloo) on Fashion-MNIST shards.
 
-One module-scoped fixture trains ``configs/tiny.yaml`` once per ZeRO stage (2
-ranks under torchrun, 10 steps); the assertions share those runs. Tolerance for
-"the four stages give the same loss trajectory": every logged loss within a
-relative 1e-3 of ZeRO-0's (the stages differ only in how gradients are reduced
-and partitioned, i.e. in float summation order).
+One module-scoped fixture trains ``configs/tiny.yaml`` at ZeRO-0 and ZeRO-2 (2
+ranks under torchrun, 10 steps, real shards); the assertions share those runs.
+Tolerance for "the stages give the same loss trajectory": every logged loss
+within a relative 1e-3 of ZeRO-0's (the stages differ only in how gradients are
+reduced and partitioned, i.e. in float summation order). ZeRO-1 and ZeRO-3 are
+held more tightly by tests/integration/test_zero_equivalence.py (every stage's
+loss, gradient norm and weights against plain PyTorch, and its run_info), so
+they are not trained a second time here (the suite's time).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from vae_train.trainer import PNG_MIN_WIDTH
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
-STAGES = (0, 1, 2, 3)
+STAGES = (0, 2)
 TRAJECTORY_RTOL = 1e-3
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -54,7 +57,7 @@ def _info(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def zero_runs(fashion_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """ZeRO stages 0-3, fp32, 2 ranks, same seed: stage -> run dir."""
+    """ZeRO stages 0 and 2, fp32, 2 ranks, same seed: stage -> run dir."""
     runs = {}
     for stage in STAGES:
         run_dir = tmp_path_factory.mktemp(f"zero{stage}")
@@ -64,7 +67,7 @@ def zero_runs(fashion_shards: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return runs
 
 
-def test_every_zero_stage_trains_with_two_ranks(zero_runs: dict[int, Path]) -> None:
+def test_zero0_and_zero2_train_with_two_ranks(zero_runs: dict[int, Path]) -> None:
     for stage, run_dir in zero_runs.items():
         info = _info(run_dir)
         assert (info["world_size"], info["zero_stage"], info["backend"], info["precision"]) == (2, stage, "gloo", "fp32")

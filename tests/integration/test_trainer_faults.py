@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.trainer_runs import (
+    REFERENCE,
     assert_same_tensors,
     has_object,
     killed,
@@ -31,9 +32,8 @@ from tests.launching import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-STEPS, EVERY = 20, 5
-RUN = (f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=10",
-       "distributed.zero_stage=2", "resume=auto")
+STEPS, EVERY = REFERENCE.steps, REFERENCE.every
+RUN = REFERENCE.overrides(2)
 
 
 def _step(n: int) -> str:
@@ -41,11 +41,9 @@ def _step(n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(fashion_shards, tmp_path_factory) -> dict:
-    """Final weights of the uninterrupted run (local checkpoints only)."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    ok(start_train(fashion_shards, run, *RUN))
-    return weights(run / "checkpoints" / _step(STEPS))
+def reference(reference_run) -> dict:
+    """Final weights of the uninterrupted ZeRO-2 run (shared with test_checkpoint_e2e)."""
+    return reference_run(2).weights
 
 
 def _check_final(run: Path, reference: dict) -> None:
@@ -161,10 +159,13 @@ def test_s3_down_mid_run_training_continues_and_later_checkpoints_commit(fashion
 
 
 def test_tampered_remote_file_is_refused_and_the_previous_commit_resumed(fashion_shards, tmp_path, reference,
-                                                                         s3_server, s3_bucket):
-    """One flipped bit in the newest remote checkpoint (20): a resume refuses it, naming it, and retrains 16-20."""
+                                                                         reference_run, s3_server):
+    """One flipped bit in the newest remote checkpoint (20): a resume refuses it, naming it, and retrains 16-20.
+
+    The history is the reference run's own (4 committed checkpoints on S3); this is its last user.
+    """
+    s3_bucket = reference_run(2).bucket
     remote, client = f"s3://{s3_bucket}/run", s3_server.client()
-    ok(start_train(fashion_shards, tmp_path / "first", *RUN, f"checkpoint.remote={remote}", env=s3_server.env()))
     assert _committed(client, s3_bucket, "run") == {5, 10, 15, 20}
     key = _remote_key_of(client, s3_bucket, 20, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     assert key is not None

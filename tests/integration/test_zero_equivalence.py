@@ -136,6 +136,7 @@ def test_loss_and_grad_norm_equal_the_plain_pytorch_reference(runs: dict[str, Pa
                                                               name: str) -> None:
     info = json.loads((runs[name] / "run_info.json").read_text())
     assert (info["world_size"], info["zero_stage"], info["reparam_backend"]) == (*RUNS[name], "cpu-fused")
+    assert (info["backend"], info["precision"]) == ("gloo", "fp32")
     rows = _rows(runs[name])
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     assert all(row["skipped_steps"] == 0 for row in rows)

@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,30 @@ from tests.launching import clean_env, kill_group, kill_matching, start, torchru
 from vae_train.export import consolidated_state_dict
 
 SCRIPT = "tests/integration/fault_train.py"
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """The uninterrupted run that fault and resume runs are compared with, bit for bit (same steps, same saves)."""
+
+    steps: int = 20
+    every: int = 5
+    keep_last: int = 10  # every save of the run stays committed (20 / 5 = 4 of them)
+
+    def overrides(self, stage: int) -> tuple[str, ...]:
+        return (f"train.max_steps={self.steps}", f"checkpoint.every_steps={self.every}",
+                f"checkpoint.keep_last={self.keep_last}", f"distributed.zero_stage={stage}", "resume=auto")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A finished reference run: its final merged weights and the bucket its checkpoints went to (prefix ``run``)."""
+
+    weights: dict[str, torch.Tensor]
+    bucket: str
+
+
+REFERENCE = ReferenceRun()
 
 
 def start_train(shards: Path, run_dir: Path, *overrides: str, nproc: int = 2, env: dict[str, str] | None = None,
