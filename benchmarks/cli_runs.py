@@ -51,3 +51,14 @@ def fashion_mnist_work_dir(work_dir: str | None, prefix: str) -> tuple[Path, Pat
     if not (shards / "index.json").is_file():
         vae_train("prepare", "fashion-mnist", "--out", str(shards), "--workers", "2", "--no-progress", log=log)
     return work, log, shards
+
+
+def fashion_mnist_subset(data: str, tmp: str, limit: int = 12_000) -> str:
+    """``data`` when given, else a ``limit``-image Fashion-MNIST shard set prepared under ``tmp``
+    (the CPU-cost benchmarks' default data: enough shards for 2 ranks, quick to make)."""
+    if data:
+        return data
+    out = str(Path(tmp, "shards"))
+    subprocess.run([sys.executable, "-m", "vae_train", "prepare", "fashion-mnist", "--out", out, "--limit", str(limit),
+                    "--no-progress"], cwd=Path(__file__).resolve().parents[1], check=True, stdout=subprocess.DEVNULL)
+    return out

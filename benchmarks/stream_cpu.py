@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 BATCH = 64
+
+from benchmarks.cli_runs import fashion_mnist_subset  # noqa: E402
 
 
 def _cpu_us(fn: Callable[[], object], images: int) -> float:
@@ -124,11 +125,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=400, help="batches of 64 per real-stream measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if not data:
-            data = str(Path(tmp, "shards"))
-            subprocess.run([sys.executable, "-m", "vae_train", "prepare", "fashion-mnist", "--out", data,
-                            "--limit", "12000", "--no-progress"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        data = fashion_mnist_subset(args.data, tmp)
         rows = stage_rows(data)
         off, on = stream_cpu(data, 0.0, args.batches), stream_cpu(data, 1024.0, args.batches)
     print(f"CPU us/image (load {os.getloadavg()[0]:.1f}); 'before' = webdataset tar reading / data.cache_mb=0")

@@ -28,8 +28,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
 WARMUP_STEPS = 10
+
+from benchmarks.cli_runs import fashion_mnist_subset  # noqa: E402
 
 
 def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
@@ -96,11 +99,7 @@ def main() -> int:
     args = parser.parse_args()
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if not data:
-            data = str(Path(tmp, "shards"))
-            subprocess.run([sys.executable, "-m", "vae_train", "prepare", "fashion-mnist", "--out", data,
-                            "--limit", "12000", "--no-progress"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        data = fashion_mnist_subset(args.data, tmp)
         out = Path(tmp, "result.json")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                         str(args.ranks), __file__, "--worker", data, str(args.steps), str(out)],

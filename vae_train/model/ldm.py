@@ -40,10 +40,10 @@ from torch.nn import functional as F
 
 from vae_train.config import ModelConfig
 from vae_train.model.activation_checkpointing import enable_gradient_checkpointing
+from vae_train.model.blocks import Upsample  # diffusers' Upsample2D: the same layer and key (conv)
 from vae_train.model.errors import ArchitectureError, InputShapeError
 from vae_train.model.likelihoods import Likelihood, build_likelihood
-from vae_train.model.vae import VAEOutput, to_channels_last
-from vae_train.ops import reparam_kl
+from vae_train.model.vae import VAEOutput, elbo_terms, prior_draw, to_channels_last
 
 _NORM_EPS = 1e-6  # every GroupNorm of the LDM autoencoder
 
@@ -122,17 +122,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour interpolation, then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class EncoderBlock(nn.Module):
@@ -350,27 +339,13 @@ class AutoencoderKL(nn.Module):
         """One-sample ELBO terms for ``x`` (``[B, C, H, W]`` in ``likelihood.value_range``); see ConvVAE.forward."""
         self._check(x, check_range)
         mu, logvar = self._moments(x.to(self.encoder.conv_in.weight.dtype))
-        z, kl, kl_per_channel = reparam_kl(
-            mu, logvar, generator=generator, return_per_channel=True, impl=self.config.reparam
-        )
-        params = self.decode(z)
-        return VAEOutput(
-            recon_nll=-self.likelihood.log_prob(x, params),
-            kl=kl.float(),
-            kl_per_channel=kl_per_channel.float(),
-            z=z,
-            mu=mu,
-            logvar=logvar,
-            x_params=params,
-        )
+        return elbo_terms(mu, logvar, self.decode, self.likelihood, x, reparam=self.config.reparam,
+                          generator=generator)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` images of ``model.image_size`` from the prior (scaled by ``temperature``), as the likelihood's mean."""
-        if n < 1 or temperature < 0:
-            raise ValueError(f"sample needs n >= 1 and temperature >= 0, got n={n}, temperature={temperature}")
-        device = next(self.parameters()).device
-        z = torch.randn((n, *self.latent_shape), generator=generator, device=device) * temperature
+        z = prior_draw(n, self.latent_shape, temperature, next(self.parameters()).device, generator)
         return self.generate(z.to(self.encoder.conv_in.weight.dtype))
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ exports are interchangeable across these settings.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -79,6 +80,37 @@ class VAEOutput:
     def nelbo(self) -> torch.Tensor:
         """Negative ELBO per image, ``recon_nll + kl`` (nats), ``[B]``."""
         return self.recon_nll + self.kl
+
+
+def elbo_terms(mu: torch.Tensor, logvar: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor],
+               likelihood: Likelihood, target: torch.Tensor, *, reparam: str,
+               generator: torch.Generator | None = None) -> VAEOutput:
+    """One-sample ELBO terms from the posterior moments, for every architecture's ``forward``.
+
+    ``z`` and the KL (also per channel) come from the fused op (``model.reparam``),
+    ``decode(z)`` gives the likelihood's parameters, and ``target`` is scored under them:
+    one place, so the terms the trainer logs mean the same for ``convvae``/``compact``
+    and ``ldm``.
+    """
+    z, kl, kl_per_channel = reparam_kl(mu, logvar, generator=generator, return_per_channel=True, impl=reparam)
+    params = decode(z)
+    return VAEOutput(
+        recon_nll=-likelihood.log_prob(target, params),
+        kl=kl.float(),
+        kl_per_channel=kl_per_channel.float(),
+        z=z,
+        mu=mu,
+        logvar=logvar,
+        x_params=params,
+    )
+
+
+def prior_draw(n: int, latent_shape: tuple[int, ...], temperature: float, device: torch.device,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` latents from the prior ``N(0, temperature^2 I)`` (``sample`` of every architecture)."""
+    if n < 1 or temperature < 0:
+        raise ValueError(f"sample needs n >= 1 and temperature >= 0, got n={n}, temperature={temperature}")
+    return torch.randn((n, *latent_shape), generator=generator, device=device) * temperature
 
 
 @dataclass(frozen=True)
@@ -510,28 +542,13 @@ class ConvVAE(nn.Module):
         """
         net_input, target = self._prepare(x, check_range)
         mu, logvar = self._encode_net(net_input)
-        z, kl, kl_per_channel = reparam_kl(
-            mu, logvar, generator=generator, return_per_channel=True, impl=self.config.reparam
-        )
-        params = self.decode(z, target)
-        recon_nll = -self.likelihood.log_prob(target, params)
-        return VAEOutput(
-            recon_nll=recon_nll,
-            kl=kl.float(),
-            kl_per_channel=kl_per_channel.float(),
-            z=z,
-            mu=mu,
-            logvar=logvar,
-            x_params=params,
-        )
+        return elbo_terms(mu, logvar, lambda z: self.decode(z, target), self.likelihood, target,
+                          reparam=self.config.reparam, generator=generator)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` images from the prior (scaled by ``temperature``), as the likelihood's mean."""
-        if n < 1 or temperature < 0:
-            raise ValueError(f"sample needs n >= 1 and temperature >= 0, got n={n}, temperature={temperature}")
-        device = next(self.parameters()).device
-        z = torch.randn((n, *self.latent_shape), generator=generator, device=device) * temperature
+        z = prior_draw(n, self.latent_shape, temperature, next(self.parameters()).device, generator)
         return self.generate(z, generator)
 
     @torch.no_grad()
