@@ -32,8 +32,6 @@ so the two agree wherever a trained encoder's log-variance lives.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -43,7 +41,7 @@ from vae_train.model.activation_checkpointing import enable_gradient_checkpointi
 from vae_train.model.blocks import Upsample  # diffusers' Upsample2D: the same layer and key (conv)
 from vae_train.model.errors import ArchitectureError, InputShapeError
 from vae_train.model.likelihoods import Likelihood, build_likelihood
-from vae_train.model.vae import VAEOutput, elbo_terms, prior_draw, to_channels_last
+from vae_train.model.vae import VAEOutput, check_layout, check_pixels, elbo_terms, prior_draw, to_channels_last
 
 _NORM_EPS = 1e-6  # every GroupNorm of the LDM autoencoder
 
@@ -269,31 +267,13 @@ class AutoencoderKL(nn.Module):
 
     def _check(self, x: torch.Tensor, check_range: bool = True) -> None:
         """Reject batches of the wrong rank, channels, size (not divisible by the factor) or dtype, and range."""
-        cfg = self.config
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputShapeError(f"the model takes image batches of shape [B, {cfg.in_channels}, H, W], got {shape}")
-        if x.shape[1] != cfg.in_channels:
-            raise InputShapeError(
-                f"images have {x.shape[1]} channels but the model was built for model.in_channels="
-                f"{cfg.in_channels}; set model.in_channels={x.shape[1]} or convert the images"
-            )
+        check_layout(x, self.config.in_channels, f"[B, {self.config.in_channels}, H, W]")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise InputShapeError(
                 f"images are {x.shape[2]}x{x.shape[3]}; model.arch=ldm needs height and width divisible by its "
                 f"downsampling factor {self.factor} (2^(len(block_out_channels)-1)): crop or resize them"
             )
-        if not x.is_floating_point():
-            raise InputShapeError(f"images have dtype {x.dtype}; the model takes floating-point pixels in "
-                                  f"{self.likelihood.value_range} (scale 8-bit images first)")
-        if x.numel() == 0:
-            raise InputShapeError("the image batch is empty")
-        if not check_range:
-            return
-        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise InputShapeError("the image batch holds NaN or infinite pixel values; check the data source")
-        self.likelihood.check_range(lo, hi)
+        check_pixels(x, self.likelihood, check_range)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """The checked input as the likelihood scores it (the whole image: no padding or cropping here)."""

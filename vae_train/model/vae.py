@@ -113,6 +113,39 @@ def prior_draw(n: int, latent_shape: tuple[int, ...], temperature: float, device
     return torch.randn((n, *latent_shape), generator=generator, device=device) * temperature
 
 
+def check_layout(x: object, in_channels: int, expected: str) -> None:
+    """Reject anything but a 4-D tensor with ``in_channels`` channels (``expected`` names the shape taken)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputShapeError(f"the model takes image batches of shape {expected}, got {shape}")
+    if x.shape[1] != in_channels:
+        raise InputShapeError(
+            f"images have {x.shape[1]} channels but the model was built for model.in_channels="
+            f"{in_channels}; set model.in_channels={x.shape[1]} or convert the images"
+        )
+
+
+def check_pixels(x: torch.Tensor, likelihood: Likelihood, check_range: bool = True) -> None:
+    """Reject integer or empty batches and (``check_range``) pixels the likelihood cannot score.
+
+    The range check is one ``aminmax`` whose result the host must read: a device sync,
+    so a caller whose data is in range by construction may skip it.
+    """
+    if not x.is_floating_point():
+        raise InputShapeError(
+            f"images have dtype {x.dtype}; the model takes floating-point pixels in "
+            f"{likelihood.value_range} (scale 8-bit images first)"
+        )
+    if x.numel() == 0:
+        raise InputShapeError("the image batch is empty")
+    if not check_range:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InputShapeError("the image batch holds NaN or infinite pixel values; check the data source")
+    likelihood.check_range(lo, hi)
+
+
 @dataclass(frozen=True)
 class _Geometry:
     """How the configured image maps onto the network's input grid, per side (height, width)."""
@@ -375,22 +408,13 @@ class ConvVAE(nn.Module):
     def _check(self, x: torch.Tensor, check_range: bool = True) -> None:
         """Reject batches of the wrong rank, channels, size or dtype, and (``check_range``) value range.
 
-        The shape and dtype checks read only metadata. The range check is one
-        ``aminmax`` whose result the host must read: a device sync, so a caller whose
-        data is in range by construction may skip it (see :meth:`forward`).
+        The shape and dtype checks read only metadata; the range check is a device sync
+        (:func:`check_pixels`), which :meth:`forward` lets the trainer skip.
         """
         cfg = self.config
         height, width = cfg.hw
         factor = cfg.downsampling_factor
-        expected = f"[B, {cfg.in_channels}, {height}, {width}]"
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputShapeError(f"the model takes image batches of shape {expected}, got {shape}")
-        if x.shape[1] != cfg.in_channels:
-            raise InputShapeError(
-                f"images have {x.shape[1]} channels but the model was built for model.in_channels="
-                f"{cfg.in_channels}; set model.in_channels={x.shape[1]} or convert the images"
-            )
+        check_layout(x, cfg.in_channels, f"[B, {cfg.in_channels}, {height}, {width}]")
         if tuple(x.shape[2:]) != (height, width) and (x.shape[2] % factor or x.shape[3] % factor):
             raise InputShapeError(
                 f"images are {x.shape[2]}x{x.shape[3]} but the model was built for model.image_size="
@@ -410,19 +434,7 @@ class ConvVAE(nn.Module):
                 f"{height}x{width} to; the model cannot tell them from padded ones: give {height}x{width} images, "
                 "or any other size divisible by the downsampling factor"
             )
-        if not x.is_floating_point():
-            raise InputShapeError(
-                f"images have dtype {x.dtype}; the model takes floating-point pixels in "
-                f"{self.likelihood.value_range} (scale 8-bit images first)"
-            )
-        if x.numel() == 0:
-            raise InputShapeError("the image batch is empty")
-        if not check_range:
-            return
-        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise InputShapeError("the image batch holds NaN or infinite pixel values; check the data source")
-        self.likelihood.check_range(lo, hi)
+        check_pixels(x, self.likelihood, check_range)
 
     def _prepare(self, x: torch.Tensor, check_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Check ``x`` once and return (network input, likelihood target).
