@@ -37,27 +37,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae_train.config import ModelConfig
-from vae_train.model.activation_checkpointing import enable_gradient_checkpointing
-from vae_train.model.blocks import Upsample  # diffusers' Upsample2D: the same layer and key (conv)
+from vae_train.model.blocks import Upsample, group_norm  # Upsample is diffusers' Upsample2D (same key: conv)
 from vae_train.model.errors import ArchitectureError, InputShapeError
 from vae_train.model.likelihoods import Likelihood, build_likelihood
-from vae_train.model.vae import VAEOutput, check_layout, check_pixels, elbo_terms, prior_draw, to_channels_last
-
-_NORM_EPS = 1e-6  # every GroupNorm of the LDM autoencoder
-
-
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=_NORM_EPS, affine=True)
-
+from vae_train.model.vae import VAEOutput, apply_memory_options, check_layout, check_pixels, elbo_terms, prior_draw
 
 class ResnetBlock(nn.Module):
     """Pre-activation ResNet block; ``conv_shortcut`` (1x1) only when the width changes (diffusers' names)."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, dropout: float) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels, groups)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = _norm(out_channels, groups)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.conv_shortcut = (
@@ -82,7 +74,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
-        self.group_norm = _norm(channels, groups)
+        self.group_norm = group_norm(channels, groups)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -173,7 +165,7 @@ class Encoder(nn.Module):
             for i, width in enumerate(widths)
         )
         self.mid_block = MidBlock(widths[-1], groups, cfg.dropout, cfg.mid_block_add_attention)
-        self.conv_norm_out = _norm(widths[-1], groups)
+        self.conv_norm_out = group_norm(widths[-1], groups)
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +188,7 @@ class Decoder(nn.Module):
                          upsample=i != len(widths) - 1)
             for i, width in enumerate(widths)
         )
-        self.conv_norm_out = _norm(widths[-1], groups)
+        self.conv_norm_out = group_norm(widths[-1], groups)
         self.conv_out = nn.Conv2d(widths[-1], out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -230,14 +222,7 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if cfg.use_post_quant_conv else None
         self.latent_shape: tuple[int, int, int] = self.latent_shape_for(cfg.hw)
         self.num_dims: int = self.num_dims_for(cfg.hw)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(self, (ResnetBlock, SelfAttention))
-        if cfg.channels_last:  # activations only, as in ConvVAE (DeepSpeed needs contiguous weights)
-            for conv in (self.encoder.conv_in, self.decoder.conv_in):
-                conv.register_forward_hook(to_channels_last)
-        if cfg.compile:
-            self.encoder.compile()
-            self.decoder.compile()
+        apply_memory_options(self, (ResnetBlock, SelfAttention))
 
     @property
     def output_size(self) -> int | tuple[int, int]:

@@ -256,6 +256,28 @@ def to_channels_last(_module: nn.Module, _inputs: object, output: torch.Tensor) 
     return output.contiguous(memory_format=torch.channels_last)
 
 
+def apply_memory_options(model: nn.Module, checkpointed: tuple[type[nn.Module], ...]) -> None:
+    """``model.gradient_checkpointing`` (of the ``checkpointed`` block types), ``model.channels_last`` and
+    ``model.compile`` on a model with ``config``, ``encoder.conv_in`` and ``decoder.conv_in`` (every architecture).
+
+    channels_last converts activations only: the first convolution of the encoder and of the
+    decoder hands on its output channels-last, and convolutions, GroupNorm, SiLU and upsampling
+    keep that format, so the network runs NHWC. Converting the input instead would do nothing
+    for 1-channel images (NCHW and NHWC strides coincide), and the weights stay contiguous
+    because DeepSpeed views every parameter as bytes to broadcast and partition it, which a
+    channels-last weight (last stride != 1) refuses.
+    """
+    cfg = model.config
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, checkpointed)
+    if cfg.channels_last:
+        for conv in (model.encoder.conv_in, model.decoder.conv_in):
+            conv.register_forward_hook(to_channels_last)
+    if cfg.compile:
+        model.encoder.compile()
+        model.decoder.compile()
+
+
 class ConvVAE(nn.Module):
     """Convolutional VAE built from a :class:`~vae_train.config.ModelConfig`.
 
@@ -310,19 +332,7 @@ class ConvVAE(nn.Module):
         oh, ow = self._geometry.output
         self.num_dims: int = cfg.in_channels * oh * ow
         self.tiling: Tiling | None = None
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(self, (ResBlock,))
-        if cfg.channels_last:
-            # Activations only: the first convolution of the encoder and of the decoder hands on its output
-            # channels-last, and convolutions, GroupNorm, SiLU and upsampling keep that format, so the network
-            # runs NHWC. Converting the input instead would do nothing for 1-channel images (NCHW and NHWC
-            # strides coincide), and the weights stay contiguous because DeepSpeed views every parameter as
-            # bytes to broadcast and partition it, which a channels-last weight (last stride != 1) refuses.
-            for conv in (self.encoder.conv_in, self.decoder.conv_in):
-                conv.register_forward_hook(to_channels_last)
-        if cfg.compile:
-            self.encoder.compile()
-            self.decoder.compile()
+        apply_memory_options(self, (ResBlock,))
 
     @property
     def size_mode(self) -> str:
