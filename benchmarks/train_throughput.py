@@ -50,7 +50,8 @@ def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg.distributed, plan),
                                            dist_init_required=False)
-    x = torch.bernoulli(torch.full((plan.micro_batch_size, 1, 28, 28), 0.3))
+    x = torch.bernoulli(torch.full((plan.micro_batch_size, 1, 28, 28), 0.3)).to(
+        {"bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32))  # the trainer's cast
     for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:
             torch.distributed.barrier()
@@ -65,13 +66,14 @@ def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
 def worker(data: str, steps: int, out: str) -> None:
     from vae_train.config import load_config
     from vae_train.distributed import init_process_group
-    from vae_train.engine import resolve
+    from vae_train.engine import resolve, resolve_auto_precision
     from vae_train.trainer import train
 
     run_dir = Path(out).parent / "run"  # shared by the ranks (rank 0 writes the metrics)
     cfg = load_config(CONFIG, [f"data.train={data}", "data.val=", f"run_dir={run_dir}", "resume=none",
                                f"train.max_steps={WARMUP_STEPS + steps}", "checkpoint.every_steps=0",
                                "logging.progress_bar=false"])
+    cfg, _ = resolve_auto_precision(cfg)  # what the training entry does: bare loop and trainer alike
     job = resolve(cfg)
     env = job.env
     init_process_group(env, job.backend, job.device, cfg.distributed.timeout_s)
@@ -88,6 +90,7 @@ def worker(data: str, steps: int, out: str) -> None:
     Path(out).write_text(json.dumps({"bare_before": bare_before, "bare_after": bare_after, "trainer": trainer_ips,
                                      "data_wait_fraction": wait, "world_size": env.world_size,
                                      "zero_stage": cfg.distributed.zero_stage,
+                                     "precision": cfg.distributed.precision,
                                      "global_batch": cfg.train.global_batch_size}))
 
 
@@ -107,7 +110,8 @@ def main() -> int:
         result = json.loads(out.read_text())
     bare = (result["bare_before"] + result["bare_after"]) / 2
     overhead = 1 - result["trainer"] / bare
-    print(f"configs/fashion_mnist.yaml model, {result['world_size']} ranks, ZeRO-{result['zero_stage']}, fp32, "
+    print(f"configs/fashion_mnist.yaml model, {result['world_size']} ranks, ZeRO-{result['zero_stage']}, "
+          f"{result['precision']}, "
           f"global batch {result['global_batch']}, {args.steps} timed steps each")
     print(f"{'loop':<34} {'images/s':>10} {'ratio':>7}")
     print(f"{'bare DeepSpeed (before trainer)':<34} {result['bare_before']:10.1f} {result['bare_before'] / bare:7.3f}")

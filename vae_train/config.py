@@ -110,6 +110,13 @@ class ModelConfig(Section):
     autoregressive_kernel: int = Field(
         5, ge=3, le=11, description="Kernel size (odd) of the first masked convolution: how far back each pixel looks."
     )
+    autoregressive_gates: int = Field(
+        0, ge=0, le=16,
+        description="Products between the latent and the autoregressive path: the decoder emits this many more maps "
+        "g_m(z), the path as many c_m(x_<i), and each pixel's logit adds sum_m g_m * c_m, so z sets how much each "
+        "local feature counts at each pixel. Costs the importance-weighted bound a few multiply-adds per pixel. "
+        "0 = the two parts are only added. Needs model.autoregressive_channels > 0.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute the ResNet (and attention) blocks' activations in the backward pass instead "
         "of storing them: less activation memory for about one more forward pass of compute.",
@@ -176,6 +183,10 @@ class ModelConfig(Section):
         if self.autoregressive_channels and self.arch == "ldm":
             raise ValueError("model.autoregressive_channels is a decoder of model.arch convvae or compact, not ldm; "
                              "set model.autoregressive_channels=0 or choose model.arch=compact")
+        if self.autoregressive_gates and not self.autoregressive_channels:
+            raise ValueError(f"model.autoregressive_gates={self.autoregressive_gates} multiplies the decoder's maps "
+                             "with the autoregressive path's; set model.autoregressive_channels > 0 or "
+                             "model.autoregressive_gates=0")
         if self.autoregressive_kernel % 2 == 0:
             raise ValueError(f"model.autoregressive_kernel must be odd, got {self.autoregressive_kernel}")
         if self.arch == "ldm":
@@ -336,7 +347,10 @@ class DistributedConfig(Section):
     """DeepSpeed ZeRO, precision and process-group settings."""
 
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="Training precision (bf16/fp16: DeepSpeed keeps fp32 master weights). auto = bf16 where "
+        "the hardware computes it natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX, about twice fp32's "
+        "speed there), else fp32; decided when training starts, and logged.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Process-group backend (auto: nccl on GPU, gloo on CPU).")
     deepspeed_config: str = Field("", description="Path of a DeepSpeed JSON merged over the generated one.")
     timeout_s: int = Field(300, ge=10, description="Collective timeout: a dead peer ends the job after this long.")

@@ -118,6 +118,35 @@ def apply_launcher_settings(cfg: Config, environ: dict[str, str] | None = None) 
     return new_cfg, notes
 
 
+def native_bf16() -> tuple[bool, str]:
+    """Whether this machine's training device computes bf16 natively, and in words why (for the log).
+
+    On a CPU without AVX512-BF16 or AMX, oneDNN emulates bf16 and a run would be
+    slower than fp32, so ``auto`` keeps fp32 there.
+    """
+    if torch.cuda.is_available():
+        supported = torch.cuda.is_bf16_supported()
+        return supported, f"this GPU {'computes' if supported else 'cannot compute'} bf16"
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return True, "this CPU has AVX512-BF16/AMX"
+    return False, "this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower than fp32)"
+
+
+def resolve_auto_precision(cfg: Config) -> tuple[Config, list[str]]:
+    """``distributed.precision=auto`` made concrete for this machine (:func:`native_bf16`): bf16 or fp32.
+
+    Called at the training entry with the rest of the launcher settings, so the config
+    is final before anything is built and every rank (same hardware) decides alike;
+    returns the config and a note for the log. Other values pass through unchanged.
+    """
+    if cfg.distributed.precision != "auto":
+        return cfg, []
+    bf16, why = native_bf16()
+    precision = "bf16" if bf16 else "fp32"
+    resolved = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"precision": precision})})
+    return resolved, [f"distributed.precision=auto -> {precision}: {why}"]
+
+
 # ------------------------------------------------------------------ batch arithmetic
 
 
@@ -166,6 +195,9 @@ def choose_device(env: LaunchEnv, backend_setting: str) -> tuple[torch.device, s
 def check_compatibility(cfg: Config, device: torch.device) -> None:
     """Refuse option combinations that cannot work, before any collective starts."""
     dist_cfg = cfg.distributed
+    if dist_cfg.precision == "auto":
+        raise EngineError("distributed.precision=auto reached the engine undecided: the training entry makes it "
+                          "concrete (vae_train.engine.resolve_auto_precision); call that on the config first")
     if dist_cfg.precision == "fp16" and device.type != "cuda":
         raise EngineError(
             "distributed.precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling and kernels do not run on "

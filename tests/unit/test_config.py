@@ -57,7 +57,7 @@ def test_shipped_configs_are_valid() -> None:
         ("trian.max_steps=3", "'trian': unknown key; did you mean 'train'?"),
         ("train.max_steps=abc", "'train.max_steps' = 'abc': Input should be a valid integer"),
         ("distributed.zero_stage=4", "'distributed.zero_stage' = 4: Input should be less than or equal to 3"),
-        ("distributed.precision=fp8", "'distributed.precision' = 'fp8': Input should be 'fp32', 'bf16' or 'fp16'"),
+        ("distributed.precision=fp8", "'distributed.precision' = 'fp8': Input should be 'fp32', 'bf16', 'fp16' or 'auto'"),
         ("optimizer.lr=-1", "'optimizer.lr' = -1: Input should be greater than 0"),
         ("model.norm_groups=5", "norm_groups=5 does not divide stage channels 32"),
     ],

@@ -28,6 +28,8 @@ from vae_train.engine import (
     check_compatibility,
     choose_device,
     load_user_deepspeed_config,
+    native_bf16,
+    resolve_auto_precision,
     merge_deepspeed_config,
     plan_batch,
     set_cpu_threads,
@@ -227,6 +229,30 @@ def test_fp16_and_fused_adam_need_a_gpu() -> None:
     with pytest.raises(EngineError, match="deepspeed_fused=true .* needs a GPU"):
         check_compatibility(config_from_dict({"optimizer": {"deepspeed_fused": True}}), cpu)
     check_compatibility(config_from_dict({"distributed": {"precision": "bf16"}}), cpu)
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32"),
+])
+def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool,
+                                        expected: str) -> None:
+    """auto = bf16 only on CPUs that compute it natively; the note says which and why; other values pass."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cfg, notes = resolve_auto_precision(config_from_dict({"distributed": {"precision": "auto", "zero_stage": 2}}))
+    assert (cfg.distributed.precision, cfg.distributed.zero_stage) == (expected, 2)
+    assert len(notes) == 1 and notes[0].startswith(f"distributed.precision=auto -> {expected}: ")
+    assert ("emulated" in notes[0]) == (expected == "fp32")
+    explicit = config_from_dict({"distributed": {"precision": "fp32"}})
+    assert resolve_auto_precision(explicit) == (explicit, [])
+
+
+def test_auto_precision_on_this_machine_and_undecided_auto_refused() -> None:
+    cfg, _ = resolve_auto_precision(config_from_dict({"distributed": {"precision": "auto"}}))
+    assert cfg.distributed.precision == ("bf16" if native_bf16()[0] else "fp32")
+    check_compatibility(cfg, torch.device("cpu"))
+    with pytest.raises(EngineError, match="precision=auto reached the engine undecided"):
+        check_compatibility(config_from_dict({"distributed": {"precision": "auto"}}), torch.device("cpu"))
 
 
 def test_backend_follows_the_device() -> None:

@@ -48,6 +48,7 @@ def binary(n: int, size: int = 28, seed: int = 0, channels: int = 1) -> torch.Te
     (dict(channel_mult=[1, 2, 2, 2]), (4, 1, 1)),  # 28 is padded to 32
     (dict(channel_mult=[2], image_size=8), (4, 1, 1)),  # one resolution, no up/downsampling
     (dict(in_channels=3, image_size=16, autoregressive_channels=0), (4, 1, 1)),
+    (dict(in_channels=3, image_size=16, autoregressive_gates=3), (4, 1, 1)),  # 3 channels x 3 gates
 ])
 def test_compact_shapes_and_loss(overrides: dict, latent_shape: tuple[int, int, int]) -> None:
     model = ConvVAE(compact(**overrides))
@@ -64,9 +65,14 @@ def test_compact_shapes_and_loss(overrides: dict, latent_shape: tuple[int, int, 
     assert 0.0 <= float(samples.min()) and float(samples.max()) <= 1.0
 
 
-def test_autoregressive_logits_see_only_earlier_pixels() -> None:
+GATES = pytest.mark.parametrize("gates", [0, 2], ids=["added", "gated"])
+
+
+@GATES
+def test_autoregressive_logits_see_only_earlier_pixels(gates: int) -> None:
     """d logit_i / d x_j = 0 for every j at or after i in raster order, and not all zero before it."""
-    model = randomize(ConvVAE(compact(image_size=8, channel_mult=[1, 2], autoregressive_kernel=3)))
+    model = randomize(ConvVAE(compact(image_size=8, channel_mult=[1, 2], autoregressive_kernel=3,
+                                      autoregressive_gates=gates)))
     x = binary(1, 8).requires_grad_(True)
     z = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(1))
     logits = model.decode(z, x)
@@ -79,9 +85,11 @@ def test_autoregressive_logits_see_only_earlier_pixels() -> None:
     assert seen_before == 63  # every pixel but the first looks back
 
 
-def test_autoregressive_likelihood_sums_to_one_over_all_images() -> None:
+@GATES
+def test_autoregressive_likelihood_sums_to_one_over_all_images(gates: int) -> None:
     """sum over all 2^16 binary 4x4 images of p(x|z) = 1 : a normalized distribution."""
-    model = randomize(ConvVAE(compact(image_size=4, channel_mult=[1], autoregressive_kernel=3))).double()
+    model = randomize(ConvVAE(compact(image_size=4, channel_mult=[1], autoregressive_kernel=3,
+                                      autoregressive_gates=gates))).double()
     images = torch.tensor(list(itertools.product((0.0, 1.0), repeat=16)), dtype=torch.float64).view(-1, 1, 4, 4)
     for seed in (0, 1):
         z = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -90,9 +98,10 @@ def test_autoregressive_likelihood_sums_to_one_over_all_images() -> None:
         assert math.isclose(float(torch.logsumexp(log_p.double(), 0)), 0.0, abs_tol=1e-5)  # float32 log_prob
 
 
-def test_windowed_sampling_matches_full_recomputation() -> None:
+@GATES
+def test_windowed_sampling_matches_full_recomputation(gates: int) -> None:
     """generate() draws pixel by pixel on a small window; recomputing the whole image per pixel draws the same."""
-    model = randomize(ConvVAE(compact(image_size=12, channel_mult=[1, 2])))
+    model = randomize(ConvVAE(compact(image_size=12, channel_mult=[1, 2], autoregressive_gates=gates)))
     z = torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(2))
     got = model.generate(z, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
@@ -106,13 +115,14 @@ def test_windowed_sampling_matches_full_recomputation() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_iw_nll_of_the_autoregressive_model_matches_a_float64_reference() -> None:
+@GATES
+def test_iw_nll_of_the_autoregressive_model_matches_a_float64_reference(gates: int) -> None:
     """The bound with the context computed once equals the definition, evaluated in float64 sample by sample."""
-    model = randomize(ConvVAE(compact()))
+    model = randomize(ConvVAE(compact(autoregressive_gates=gates)))
     x = binary(2, seed=3)
     k = 20
     got = iw_nll(model, x, k, iw_batch_size=8, generator=torch.Generator().manual_seed(4))
-    ref_model = ConvVAE(compact()).double().eval()
+    ref_model = ConvVAE(compact(autoregressive_gates=gates)).double().eval()
     ref_model.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -152,6 +162,7 @@ def test_iw_chunk_follows_the_decoder_size() -> None:
     ("model.autoregressive_kernel=4", "must be odd"),
     ("model.arch=pixel", "arch"),
     ("model.arch=ldm model.autoregressive_channels=8", "not ldm"),
+    ("model.autoregressive_gates=2", "autoregressive_channels > 0"),
 ])
 def test_bad_autoregressive_settings_are_refused(override: str, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):

@@ -17,13 +17,15 @@ def run(args: argparse.Namespace) -> int:
 
     Final means: the YAML file, the overrides, and what an ``accelerate launch
     --config_file`` passed in ``ACCELERATE_*`` variables (ZeRO stage, precision,
-    a DeepSpeed JSON: :func:`vae_train.engine.apply_launcher_settings`), all
-    before anything is built; nothing downstream changes it.
+    a DeepSpeed JSON: :func:`vae_train.engine.apply_launcher_settings`), and
+    ``distributed.precision=auto`` decided for this machine, all before anything
+    is built; nothing downstream changes it.
     """
     from vae_train.config import load_config
-    from vae_train.engine import apply_launcher_settings
+    from vae_train.engine import apply_launcher_settings, resolve_auto_precision
     from vae_train.trainer import train
 
-    cfg, notes = apply_launcher_settings(load_config(args.config, args.overrides))
-    train(cfg, notes=notes)
+    cfg, launcher_notes = apply_launcher_settings(load_config(args.config, args.overrides))
+    cfg, precision_notes = resolve_auto_precision(cfg)
+    train(cfg, notes=[*launcher_notes, *precision_notes])
     return 0

@@ -14,6 +14,14 @@ does not depend on z, so the importance-weighted bound computes it once per imag
 (:meth:`LocalAutoregressive.forward` -> the ``context``) and each of its K samples
 costs one plain decoder pass plus an addition.
 
+With ``model.autoregressive_gates = M > 0`` the two parts also meet through M
+products: the decoder emits M more maps ``g_m(z)`` and the path M more maps
+``c_m(x_<i)``, and ``logit_i = d_i(z) + a_i(x_<i) + sum_m g_m,i(z) * c_m,i(x_<i)``.
+The latent then sets, pixel by pixel, how much each local feature counts (how
+strongly the neighbours predict a pixel differs between a flat region and an
+edge), which a sum cannot express; each sample still costs one decoder pass plus
+M+1 multiply-adds per pixel, so the bound's cost barely moves.
+
 The price is sampling: a generated image needs one pass of ``a`` per pixel (raster
 order, all channels of a pixel at once), 784 small passes at 28x28, done in
 :func:`sample_autoregressive`. Scoring (training, ELBO, IWAE) is one pass, since
@@ -58,6 +66,7 @@ class LocalAutoregressive(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, width: int, layers: int, kernel: int) -> None:
         super().__init__()
+        self.in_channels = in_channels
         convs: list[nn.Module] = [MaskedConv2d(in_channels, width, kernel, include_centre=False)]
         for _ in range(layers - 1):
             convs += [nn.SiLU(), MaskedConv2d(width, width, 3, include_centre=True)]
@@ -72,20 +81,39 @@ class LocalAutoregressive(nn.Module):
         return self.net(x.to(self.net[0].weight.dtype))
 
 
-def add_context(params: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """``params`` ``[m*B, ...]`` (m latents per image, sample-major) plus the images' context ``[B, ...]``."""
+def combine(params: torch.Tensor, context: torch.Tensor, channels: int, dim: int = 1) -> torch.Tensor:
+    """The likelihood's parameters (``channels`` maps in dimension ``dim``) from the decoder's maps and the
+    path's context.
+
+    Both hold ``channels * (1 + M)`` maps in dimension ``dim`` (``M = model.autoregressive_gates``):
+    the first ``channels`` are added; the remaining ``M`` groups of ``channels`` are
+    multiplied pairwise and summed over the groups. ``context`` broadcasts against
+    ``params`` (one image's context serves its many latents).
+    """
+    context = context.to(params.dtype)
+    logits = params.narrow(dim, 0, channels) + context.narrow(dim, 0, channels)
+    extra = params.shape[dim] - channels
+    if extra == 0:
+        return logits
+    products = params.narrow(dim, channels, extra) * context.narrow(dim, channels, extra)
+    return logits + products.unflatten(dim, (-1, channels)).sum(dim)
+
+
+def add_context(params: torch.Tensor, context: torch.Tensor, channels: int) -> torch.Tensor:
+    """Decoded maps ``[m*B, ...]`` (m latents per image, sample-major) combined with the images' context
+    ``[B, ...]`` (:func:`combine`): the likelihood's parameters ``[m*B, channels, ...]``."""
     batch = context.shape[0]
     if params.shape[0] % batch:
         raise ValueError(f"{params.shape[0]} decoded latents do not divide into the {batch} images' contexts")
-    m = params.shape[0] // batch
-    return (params.view(m, batch, *params.shape[1:]) + context.to(params.dtype)).flatten(0, 1)
+    per_image = params.unflatten(0, (params.shape[0] // batch, batch))
+    return combine(per_image, context.unsqueeze(0), channels, dim=2).flatten(0, 1)
 
 
 @torch.no_grad()
 def sample_autoregressive(
-    net: LocalAutoregressive, base_logits: torch.Tensor, generator: torch.Generator | None = None
+    net: LocalAutoregressive, decoded: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Binary images drawn pixel by pixel from ``sigmoid(base_logits + net(x_<i))``; returns each
+    """Binary images drawn pixel by pixel from ``sigmoid(combine(decoded, net(x_<i)))``; returns each
     pixel's probability given its drawn past, ``[B, C, H, W]`` float32.
 
     The returned map holds ``P(x_i = 1 | x_<i, z)``: the grey-level picture a plain
@@ -96,8 +124,9 @@ def sample_autoregressive(
     dependence, and ~17x cheaper at 28x28.
     """
     r = net.reach
-    batch, channels, height, width = base_logits.shape
-    canvas = torch.zeros((batch, channels, height, width), device=base_logits.device)
+    batch, _, height, width = decoded.shape
+    channels = net.in_channels
+    canvas = torch.zeros((batch, channels, height, width), device=decoded.device)
     probs = torch.zeros_like(canvas)
     for row in range(height):
         top = max(0, row - r)
@@ -105,8 +134,8 @@ def sample_autoregressive(
             left = max(0, col - r)
             # the window is cut at the image's borders, so every layer pads there with zeros as on the full image
             window = canvas[:, :, top : row + 1, left : min(width, col + r + 1)]
-            offset = net(window)[:, :, row - top, col - left]
-            p = torch.sigmoid(base_logits[:, :, row, col].float() + offset.float())
+            context = net(window)[:, :, row - top, col - left]
+            p = torch.sigmoid(combine(decoded[:, :, row, col].float(), context.float(), channels))
             probs[:, :, row, col] = p
             draw = torch.rand(p.shape, generator=generator, device=p.device)
             canvas[:, :, row, col] = (draw < p).float()

@@ -312,21 +312,24 @@ class ConvVAE(nn.Module):
         factor = cfg.downsampling_factor
         nh, nw = self._geometry.network
         out_channels = self.likelihood.params_per_channel * cfg.in_channels
+        self._likelihood_channels = out_channels
+        # the decoder's maps: the likelihood's parameters, then autoregressive_gates more groups of them
+        decoded_channels = out_channels * (1 + cfg.autoregressive_gates)
         self.encoder: nn.Module
         self.decoder: nn.Module
         if cfg.arch == "compact":  # a fully-connected bottleneck: images of image_size only
             self.encoder = CompactEncoder(cfg, (nh // factor, nw // factor))
-            self.decoder = CompactDecoder(cfg, out_channels, (nh // factor, nw // factor))
+            self.decoder = CompactDecoder(cfg, decoded_channels, (nh // factor, nw // factor))
             self.latent_shape: tuple[int, int, int] = (cfg.latent_channels, 1, 1)
         else:
             self.encoder = Encoder(cfg)
-            self.decoder = Decoder(cfg, out_channels)
+            self.decoder = Decoder(cfg, decoded_channels)
             self.latent_shape = (cfg.latent_channels, nh // factor, nw // factor)
         # the local autoregressive path over the image (None: pixels independent given z)
         self.autoregressive: LocalAutoregressive | None = None
         if cfg.autoregressive_channels:
             self.autoregressive = LocalAutoregressive(
-                cfg.in_channels, out_channels, cfg.autoregressive_channels, cfg.autoregressive_layers,
+                cfg.in_channels, decoded_channels, cfg.autoregressive_channels, cfg.autoregressive_layers,
                 cfg.autoregressive_kernel,
             )
         oh, ow = self._geometry.output
@@ -520,7 +523,7 @@ class ConvVAE(nn.Module):
                     "model.generate(z) to draw images"
                 )
             context = self.context(x)
-        return add_context(params, context)
+        return add_context(params, context, self._likelihood_channels)
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
