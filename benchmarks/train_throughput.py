@@ -12,7 +12,7 @@ The trainer is ``vae_train.trainer.train`` on real shards with the default
 config's model and batch. To cancel drift on a shared machine, the bare loop
 runs before and after the trainer and the two are averaged.
 
-Run: ``python benchmarks/train_throughput.py [--data DIR] [--ranks 2] [--steps 150]``
+Run: ``python benchmarks/train_throughput.py [--data DIR] [--ranks 2] [--steps 150] [overrides...]``
 (shards are made in a temporary directory when --data is not given).
 """
 
@@ -63,7 +63,7 @@ def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
     return steps * plan.global_batch_size / (time.perf_counter() - start)
 
 
-def worker(data: str, steps: int, out: str) -> None:
+def worker(data: str, steps: int, out: str, overrides: list[str]) -> None:
     from vae_train.config import load_config
     from vae_train.distributed import init_process_group
     from vae_train.engine import resolve, resolve_auto_precision
@@ -72,7 +72,7 @@ def worker(data: str, steps: int, out: str) -> None:
     run_dir = Path(out).parent / "run"  # shared by the ranks (rank 0 writes the metrics)
     cfg = load_config(CONFIG, [f"data.train={data}", "data.val=", f"run_dir={run_dir}", "resume=none",
                                f"train.max_steps={WARMUP_STEPS + steps}", "checkpoint.every_steps=0",
-                               "logging.progress_bar=false"])
+                               "logging.progress_bar=false", *overrides])
     cfg, _ = resolve_auto_precision(cfg)  # what the training entry does: bare loop and trainer alike
     job = resolve(cfg)
     env = job.env
@@ -99,18 +99,20 @@ def main() -> int:
     parser.add_argument("--data", default="", help="shard directory (default: prepare a subset in a temp dir)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=150, help="timed steps per measurement")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both loops, e.g. data.num_workers=0")
     args = parser.parse_args()
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         data = fashion_mnist_subset(args.data, tmp)
         out = Path(tmp, "result.json")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                        str(args.ranks), __file__, "--worker", data, str(args.steps), str(out)],
+                        str(args.ranks), __file__, "--worker", data, str(args.steps), str(out), *args.overrides],
                        cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result = json.loads(out.read_text())
     bare = (result["bare_before"] + result["bare_after"]) / 2
     overhead = 1 - result["trainer"] / bare
-    print(f"configs/fashion_mnist.yaml model, {result['world_size']} ranks, ZeRO-{result['zero_stage']}, "
+    print(f"configs/fashion_mnist.yaml{' ' + ' '.join(args.overrides) if args.overrides else ''} model, "
+          f"{result['world_size']} ranks, ZeRO-{result['zero_stage']}, "
           f"{result['precision']}, "
           f"global batch {result['global_batch']}, {args.steps} timed steps each")
     print(f"{'loop':<34} {'images/s':>10} {'ratio':>7}")
@@ -123,7 +125,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    if len(sys.argv) >= 5 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:])
     else:
         sys.exit(main())

@@ -17,7 +17,7 @@ weight's gradients (averaged over ranks by an on-device all-reduce) stay on the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +54,11 @@ def _reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def autoencoder_step(engine: Engine, disc: Engine | None, objective: AutoencoderObjective, tap: LastLayerTap | None,
-                     batches: Iterator[dict[str, Any]], step: int, beta: float, *, check_range: bool = False
-                     ) -> AutoencoderStepResult:
-    """Optimizer step ``step`` (0-based) of the autoencoder and (from ``loss.disc_start``) the discriminator."""
+                     batches: Iterator[dict[str, Any]], step: int, beta: float, *, check_range: bool = False,
+                     flags: Sequence[bool] = ()) -> AutoencoderStepResult:
+    """Optimizer step ``step`` (0-based) of the autoencoder and (from ``loss.disc_start``) the discriminator.
+
+    ``flags`` ride the autoencoder step's all-reduce, as in :func:`vae_train.trainer.train_step`."""
     adversarial = disc is not None and step >= objective.cfg.disc_start
     finite = torch.ones((), dtype=torch.bool, device=engine.device)
     d_finite = torch.ones((), dtype=torch.bool, device=engine.device)
@@ -92,7 +94,7 @@ def autoencoder_step(engine: Engine, disc: Engine | None, objective: Autoencoder
         sums += torch.stack([v.detach().float() for v in values]).double()
         means = out.kl_per_channel.detach().float().mean(0)
         kl_channels = means if kl_channels is None else kl_channels + means
-    decision = engine.step(step, finite)
+    decision = engine.step(step, finite, flags)
     disc_decision = disc.step(step, d_finite) if adversarial else None  # type: ignore[union-attr]
     assert kl_channels is not None and first_input is not None
     return AutoencoderStepResult(decision, disc_decision, engine.plan.grad_accum_steps, sums, kl_channels, first_input)

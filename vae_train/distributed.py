@@ -22,7 +22,7 @@ import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from vae_train.errors import VaeTrainError
 
@@ -266,14 +266,20 @@ def broadcast_json(obj: Any, src: int = 0) -> Any:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (one tiny all-reduce)."""
+    return any_ranks((flag,))[0]
+
+
+def any_ranks(flags: Sequence[bool]) -> tuple[bool, ...]:
+    """For each flag, whether it is true on at least one rank: one all-reduce for all of them (none
+    for an empty sequence; the flags themselves without a process group)."""
     import torch
 
     dist = _group()
-    if dist is None:
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    if dist is None or not flags:
+        return tuple(bool(flag) for flag in flags)
+    values = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in values.tolist())
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -37,13 +37,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from vae_train.config import Config, DistributedConfig, OptimizerConfig
-from vae_train.distributed import LaunchEnv, detect_launch_env, init_process_group
+from vae_train.distributed import LaunchEnv, any_ranks, detect_launch_env, init_process_group
 from vae_train.errors import VaeTrainError
 from vae_train.schedules import build_lr_schedule
 
@@ -390,6 +390,7 @@ class StepDecision:
     applied: bool
     grad_norm: float
     reason: str = ""  # why it was skipped
+    flags: tuple[bool, ...] = ()  # Engine.step's per-rank flags, each true when it was true on any rank
 
 
 class StepGate:
@@ -411,16 +412,21 @@ class StepGate:
         self.device = device
         self.model_numel = model_numel
         self._local_loss_bad = torch.zeros((), device=device)
+        self._local_flags = torch.zeros(0, device=device)
         self.decision: StepDecision | None = None
 
-    def arm(self, loss_is_finite: bool | torch.Tensor) -> None:
+    def arm(self, loss_is_finite: bool | torch.Tensor, flags: Sequence[bool] = ()) -> None:
         """Before ``engine.step()``: this rank's loss verdict for the step about to be taken.
 
         A bool, or a 0-dim bool tensor left on the device: the trainer's verdict over
-        its micro-batches rides the gate's all-reduce without a host sync.
+        its micro-batches rides the gate's all-reduce without a host sync. ``flags``
+        (this rank's answers to yes/no questions every rank must settle at this step,
+        such as "was I signalled?") ride it too: the decision's ``flags`` say, for each,
+        whether any rank answered yes.
         """
         finite = torch.as_tensor(loss_is_finite, device=self.device)
         self._local_loss_bad = torch.logical_not(finite).float()
+        self._local_flags = torch.tensor([float(flag) for flag in flags], device=self.device)
         self.decision = None
 
     def __call__(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -438,20 +444,22 @@ class StepGate:
         # Replicated gradients (ZeRO-0 fp32) appear on every rank: count them once.
         world = dist.get_world_size() if dist.is_initialized() else 1
         replicated = local_numel == self.model_numel
-        stats = torch.stack([sq / (world if replicated else 1), self._local_loss_bad])
+        stats = torch.cat([torch.stack([sq / (world if replicated else 1), self._local_loss_bad]), self._local_flags])
         if dist.is_initialized():
             dist.all_reduce(stats)
         # The one host sync of an optimizer step: whether to call the inner step is a
         # host decision, and it needs the global norm and the non-finite count.
         norm = float(stats[0].sqrt())
+        flags = tuple(count > 0 for count in stats[2:].tolist())
         if stats[1] > 0:
-            self.decision = StepDecision(False, norm, f"non-finite loss on {int(stats[1])} rank(s)")
+            self.decision = StepDecision(False, norm, f"non-finite loss on {int(stats[1])} rank(s)", flags)
         elif not math.isfinite(norm):
-            self.decision = StepDecision(False, norm, "non-finite gradient norm")
+            self.decision = StepDecision(False, norm, "non-finite gradient norm", flags)
         elif self.skip_above > 0 and norm > self.skip_above:
-            self.decision = StepDecision(False, norm, f"gradient norm {norm:.3g} > train.skip_grad_norm={self.skip_above:g}")
+            self.decision = StepDecision(False, norm, f"gradient norm {norm:.3g} > train.skip_grad_norm={self.skip_above:g}",
+                                         flags)
         else:
-            self.decision = StepDecision(True, norm)
+            self.decision = StepDecision(True, norm, flags=flags)
             if self.clip > 0 and norm > self.clip:
                 torch._foreach_mul_(grads, self.clip / (norm + 1e-6))
         return self.decision.applied
@@ -529,18 +537,20 @@ class Engine:
         if not boundary:
             self.ds.step()
 
-    def step(self, global_step: int, loss_is_finite: bool | torch.Tensor) -> StepDecision:
+    def step(self, global_step: int, loss_is_finite: bool | torch.Tensor, flags: Sequence[bool] = ()) -> StepDecision:
         """Finish the optimizer step ``global_step`` (0-based) on every rank; returns the shared decision.
 
         Call it after the backward of the last micro-batch of the step. ``loss_is_finite``
-        may stay on the device (a 0-dim bool tensor): the gate's all-reduce carries it.
+        may stay on the device (a 0-dim bool tensor): the gate's all-reduce carries it, and
+        ``flags`` too (see :meth:`StepGate.arm`): the trainer's "signalled?" and "time up?"
+        cost no collective of their own.
         """
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("Engine.step() called before the last micro-batch's backward of the step")
         lr = self.lr_at(global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.gate.arm(loss_is_finite)
+        self.gate.arm(loss_is_finite, flags)
         self.ds.step()
         if self.gate.decision is None:
             # DeepSpeed's own overflow check (fp16 loss scaling, or a non-finite norm
@@ -549,7 +559,7 @@ class Engine:
             norm = self.ds.get_global_grad_norm()
             reason = "non-finite gradients (DeepSpeed's overflow check" + (
                 "; fp16 loss scale lowered)" if self.precision == "fp16" else ")")
-            return StepDecision(False, float(norm) if norm is not None else float("nan"), reason)
+            return StepDecision(False, float(norm) if norm is not None else float("nan"), reason, any_ranks(flags))
         return self.gate.decision
 
     def info(self) -> dict[str, Any]:

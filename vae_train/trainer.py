@@ -53,7 +53,7 @@ import torch
 from vae_train.autoencoder_step import TERMS, AutoencoderStepResult, autoencoder_step
 from vae_train.checkpoint import CheckpointManager, DeepSpeedState, Resize, StateFunctions, read_manifest
 from vae_train.config import Config
-from vae_train.distributed import all_reduce_sum, any_rank
+from vae_train.distributed import all_reduce_sum
 from vae_train.ema import EMA
 from vae_train.engine import Engine, StepDecision, setup_discriminator_engine, setup_engine
 from vae_train.losses import AutoencoderObjective, LastLayerTap, attach_output_logvar
@@ -104,14 +104,16 @@ class StepResult:
 
 
 def train_step(engine: Engine, batches: Iterator[dict[str, Any]], step: int,
-               loss_fn: Callable[[VAEOutput], LossTerms], *, check_range: bool = False) -> StepResult:
+               loss_fn: Callable[[VAEOutput], LossTerms], *, check_range: bool = False,
+               flags: Sequence[bool] = ()) -> StepResult:
     """Optimizer step ``step`` (0-based): the micro-batches' forward, loss and backward, then the gated update.
 
     ``loss_fn`` turns the model's output into the loss terms (the trainer binds
     beta(step) and the free bits; tests wrap it to inject a fault). ``check_range``
     has the model check the batches' pixel range, a host sync per micro-batch: the
     trainer asks for it on its first step only, because the stream decodes every
-    image into the likelihood's range by construction.
+    image into the likelihood's range by construction. ``flags`` ride the step's
+    all-reduce (:meth:`Engine.step`); the decision says which were true on any rank.
     """
     finite = torch.ones((), dtype=torch.bool, device=engine.device)
     sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
@@ -131,7 +133,7 @@ def train_step(engine: Engine, batches: Iterator[dict[str, Any]], step: int,
         means = out.kl_per_channel.detach().float().mean(0)
         kl_channels = means if kl_channels is None else kl_channels + means
     # step: every rank applies it, or every rank skips it
-    decision = engine.step(step, finite)
+    decision = engine.step(step, finite, flags)
     assert kl_channels is not None and first_input is not None  # grad_accum_steps >= 1
     return StepResult(decision, engine.plan.grad_accum_steps, sums, kl_channels, first_input)
 
@@ -223,13 +225,17 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
         with PreemptionHandler() as preempt:
             while step < cfg.train.max_steps:
                 beta = beta_at(step)
+                # This rank's "was I signalled?" and "is my time up?": they ride the step's all-reduce,
+                # and after it every rank knows whether any rank said yes.
+                asked = (preempt.requested, deadline is not None and time.perf_counter() >= deadline)
                 result: StepResult | AutoencoderStepResult
                 if objective is not None:
                     result = autoencoder_step(engine, disc, objective, tap, batches, step, beta,
-                                              check_range=probe is None)
+                                              check_range=probe is None, flags=asked)
                 else:
                     loss_fn = functools.partial(vae_loss, beta=beta, free_bits=cfg.kl.free_bits)
-                    result = train_step(engine, batches, step, loss_fn, check_range=probe is None)
+                    result = train_step(engine, batches, step, loss_fn, check_range=probe is None, flags=asked)
+                signalled, time_up = result.decision.flags
                 if probe is None:
                     probe = result.first_input[:GRID_IMAGES].clone()
                 decision = result.decision
@@ -297,14 +303,14 @@ def train(cfg: Config, notes: Sequence[str] = ()) -> TrainResult:
 
                 # checkpoint, and stop cleanly when SLURM/the cluster asks for the machine back
                 checkpoints.maybe_save(step)
-                if preempt.any_rank_requested():
+                if signalled:
                     logger.info(f"{preempt.signal_name or 'signal'} received: saving step {step} and exiting")
                     checkpoints.save(step, final=True)
                     checkpoints.wait_for_uploads(cfg.checkpoint.upload_deadline_s)
                     requeue_if_slurm(step, cfg.train.max_steps, rank)
                     preempted = True
                     break
-                if deadline is not None and any_rank(time.perf_counter() >= deadline):
+                if time_up:
                     logger.info(f"train.max_time_s={cfg.train.max_time_s:g} reached: ending the run at step {step}")
                     break
 

@@ -1,6 +1,7 @@
 """Worker for tests/unit/test_engine.py (run under torchrun): the same global batch as 1 micro-batch or 2.
 
-Prints one JSON line on rank 0: {"accum": [grad norms per step], ...} for accumulation 1 and 2.
+Prints one JSON line on rank 0: {"accum": [grad norms per step], ...} for accumulation 1 and 2,
+and "flags": the step decisions' flags as rank 0 saw them (rank 1 alone raises the first flag in step 1).
 """
 
 import json
@@ -10,6 +11,9 @@ import torch
 
 from vae_train.config import config_from_dict
 from vae_train.engine import setup_engine
+
+
+FLAGS: list[list[bool]] = []
 
 
 def run(accum: int, stage: int) -> list[float]:
@@ -27,12 +31,15 @@ def run(accum: int, stage: int) -> list[float]:
         for m in range(accum):
             x = mine[m * micro : (m + 1) * micro]
             engine.backward(((engine.forward(x) - x.sum(1, keepdim=True)) ** 2).mean())
-        norms.append(engine.step(step, True).grad_norm)
+        decision = engine.step(step, True, flags=(rank == 1 and step == 1, False))
+        norms.append(decision.grad_norm)
+        FLAGS.append(list(decision.flags))
     return norms
 
 
 if __name__ == "__main__":
     stage = int(sys.argv[1])
-    result = {accum: run(accum, stage) for accum in (1, 2)}
+    result: dict = {accum: run(accum, stage) for accum in (1, 2)}
+    result["flags"] = FLAGS
     if torch.distributed.get_rank() == 0:
         print(json.dumps(result))

@@ -313,6 +313,17 @@ def test_gate_skips(grads: list[list[float]], finite: bool, skip_above: float, r
     assert gate.decision.reason == reason
 
 
+def test_gate_returns_its_flags_with_the_decision() -> None:
+    """Without a process group the flags come back as they went in, on accepted and skipped steps alike."""
+    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), model_numel=99)
+    gate.arm(loss_is_finite=True, flags=(False, True))
+    assert gate(_optimizer_with_grads([[1.0]])) is True and gate.decision.flags == (False, True)
+    gate.arm(loss_is_finite=False, flags=(True, False))
+    assert gate(_optimizer_with_grads([[1.0]])) is False and gate.decision.flags == (True, False)
+    gate.arm(loss_is_finite=True)
+    assert gate(_optimizer_with_grads([[1.0]])) is True and gate.decision.flags == ()
+
+
 def test_gate_takes_the_loss_verdict_as_a_device_tensor() -> None:
     """The trainer leaves its finiteness verdict on the device; the gate's all-reduce carries it."""
     gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), model_numel=99)
@@ -377,6 +388,8 @@ def test_gradient_accumulation_matches_one_bigger_micro_batch() -> None:
     norms = json.loads(result.stdout.strip().splitlines()[-1])
     assert norms["2"] == pytest.approx(norms["1"], rel=1e-5)
     assert len(set(norms["1"])) == 3  # three different steps really happened
+    # the per-rank flags rode the step's all-reduce: rank 0 saw rank 1's, in that step only
+    assert norms["flags"] == [[False, False], [True, False], [False, False]] * 2
 
 
 @pytest.mark.parametrize(
