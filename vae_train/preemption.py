@@ -9,9 +9,12 @@ instead:
 1. installs :class:`PreemptionHandler` before its loop (the handler only sets a
    flag: nothing else is safe inside a signal handler, and the loop may be in the
    middle of a collective that every rank must finish);
-2. polls ``handler.any_rank_requested()`` once per step on every rank (one tiny
-   all-reduce, so all ranks stop at the *same* step even when the signal reached
-   only some of them or arrived between two ranks' checks);
+2. asks once per step on every rank whether any rank was signalled, so all ranks
+   stop at the *same* step even when the signal reached only some of them or
+   arrived between two ranks' checks. The trainer sends :attr:`requested` along
+   with the optimizer step's own all-reduce (``Engine.step(..., flags=...)``);
+   a loop without that engine calls :meth:`any_rank_requested` (one tiny
+   all-reduce of its own);
 3. when it is true, saves a checkpoint, waits for its upload to commit (with a
    deadline shorter than the grace time), and then calls
    :func:`requeue_if_slurm` so the job runs again and resumes (``resume=auto``)
@@ -39,7 +42,8 @@ DataLoader workers and other helper processes get the same job-wide signals;
 start them with :func:`shield_worker_from_job_signals` so they do not die under
 the trainer while it checkpoints.
 
-Usage in the training loop::
+Usage in a training loop without :class:`vae_train.engine.Engine` (the trainer folds the
+question into its step, see 2.)::
 
     with PreemptionHandler() as preempt:
         while step < max_steps:
