@@ -50,8 +50,8 @@ def bare_loop(cfg, steps: int) -> float:  # type: ignore[no-untyped-def]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg.distributed, plan),
                                            dist_init_required=False)
-    x = torch.bernoulli(torch.full((plan.micro_batch_size, 1, 28, 28), 0.3)).to(
-        {"bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32))  # the trainer's cast
+    # in the dtype DeepSpeed gave the weights (bf16/fp16 runs), as the trainer casts its batches
+    x = torch.bernoulli(torch.full((plan.micro_batch_size, 1, 28, 28), 0.3)).to(next(engine.module.parameters()).dtype)
     for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:
             torch.distributed.barrier()
