@@ -77,6 +77,7 @@ def _images_per_s(rows: list[dict]) -> float:
 
 
 def worker(data: str, steps: int, warmup: int, out: str, overrides: list[str]) -> None:
+    from vae_train.allocator import keep_freed_memory
     from vae_train.config import load_config
     from vae_train.distributed import init_process_group
     from vae_train.engine import resolve, resolve_auto_precision
@@ -87,6 +88,7 @@ def worker(data: str, steps: int, warmup: int, out: str, overrides: list[str]) -
                                f"train.max_steps={warmup + steps}", "checkpoint.every_steps=0",
                                "logging.progress_bar=false", *overrides])
     cfg, _ = resolve_auto_precision(cfg)  # what the training entry does: bare loop and trainer alike
+    keep_freed_memory()  # as the CLI does for every command: both loops on the same allocator settings
     job = resolve(cfg)
     env = job.env
     init_process_group(env, job.backend, job.device, cfg.distributed.timeout_s)

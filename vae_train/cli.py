@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from vae_train import __version__
+from vae_train.allocator import keep_freed_memory
 from vae_train.errors import VaeTrainError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # every command's tensors reuse warm pages (vae_train.allocator)
     try:
         return int(args.func(args) or 0)
     except VaeTrainError as exc:
