@@ -13,11 +13,11 @@ config's model and batch. To cancel drift on a shared machine, the bare loop
 runs before and after the trainer and the two are averaged.
 
 The trainer's stream decodes each PNG on its first read and keeps the decoded shard
-(``data.cache_mb``); later reads only crop, flip and binarize (~17 us per image
-against ~150). The first pass over a rank's shards is a few hundred steps of a
-12,000-step job, so the trainer is timed twice: over its first ``--warmup`` steps
-(cold: the first pass, decoding) and over the ``--steps`` after them (warm: the
-steady state of most of a run). The bare loop has nothing to warm beyond its first
+(``data.cache_mb``); later reads only crop, flip and binarize (~10 us per image
+against ~150). Shards are drawn at random, so a rank meets its last new shard after
+a thousand-odd steps of a 12,400-step job; the trainer is timed twice: over its first
+``--warmup`` steps (cold: mostly first reads, decoding) and over the ``--steps`` after
+them (warm: the steady state of most of a run; the README's runs use --warmup 1500). The bare loop has nothing to warm beyond its first
 10 steps.
 
 The bare loop moves by up to 20% between two measurements of one run on the 2-core machine, so
@@ -129,7 +129,7 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=600,
-                        help="trainer steps timed as the cold first pass (default: past one pass of the 54k images)")
+                        help="trainer steps timed as the cold phase, while shards are read for the first time")
     parser.add_argument("--repeats", type=int, default=1,
                         help="trainer runs, each between two bare loops; the ratios' median is the result")
     parser.add_argument("overrides", nargs="*", help="config overrides for both loops, e.g. data.num_workers=0")

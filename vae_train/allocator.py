@@ -7,9 +7,9 @@ the kernel; either way the next step's activations land on pages the kernel must
 in and zero again. On the default job (2 CPU ranks, bf16 28x28 activations of 0.1-2 MB)
 that was ~16% of the ranks' CPU time spent in the kernel. With both thresholds set once
 at start (blocks up to glibc's 32 MiB ceiling come from the heap, and freed memory stays
-for the next step), ``benchmarks/train_throughput.py`` measured the kernel time halved
-and the trainer ~9% faster (README, "Trainer overhead"). The price: a process keeps its
-peak heap, which a training loop reuses every step anyway.
+for the next step), ``benchmarks/train_throughput.py`` measured the kernel time halved;
+images/s moved by about the benchmark's run-to-run noise (README, "Trainer overhead").
+The price: a process keeps its peak heap, which a training loop reuses every step anyway.
 
 Only glibc (Linux) is tuned; another C library, or a user who tuned glibc's malloc through
 ``GLIBC_TUNABLES`` or ``MALLOC_*_`` variables, is left as it is.
@@ -38,12 +38,11 @@ USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP
 """Environment variables through which a user already chose these settings."""
 
 
-def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
+def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for this process; returns whether they were set."""
-    env = os.environ if environ is None else environ
     if platform.libc_ver()[0] != "glibc":
         return False
-    if "glibc.malloc" in env.get("GLIBC_TUNABLES", "") or any(name in env for name in USER_SETTINGS):
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(name in os.environ for name in USER_SETTINGS):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
