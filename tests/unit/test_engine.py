@@ -160,6 +160,21 @@ def test_generated_deepspeed_config() -> None:
     assert ds["gradient_clipping"] == 0.0  # the StepGate clips after its skip decision
     fp16 = _ds(config_from_dict({"distributed": {"precision": "fp16"}}))["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # dynamic loss scaling
+    # the StepGate's all-reduce gives the norm and the non-finite verdict: DeepSpeed's own ones are off
+    assert ds["bf16"]["check_grad_overflow"] is False and "check_grad_overflow" not in ds["fp16"]
+    for stage in (0, 1, 2, 3):
+        zero = _ds(config_from_dict({"distributed": {"zero_stage": stage}}))["zero_optimization"]
+        assert zero.get("compute_grad_norm", True) is (stage not in (1, 2)), stage  # an option of ZeRO-1/2 only
+
+
+def test_offloaded_optimizer_keeps_deepspeeds_grad_norm() -> None:
+    """DeepSpeed refuses compute_grad_norm=false with a CPU-offloaded optimizer: the merge gives it back."""
+    cfg = config_from_dict({"distributed": {"zero_stage": 2}})
+    offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    assert "compute_grad_norm" not in merge_deepspeed_config(_ds(cfg), offload, "test")["zero_optimization"]
+    asked = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "compute_grad_norm": False}}
+    assert merge_deepspeed_config(_ds(cfg), asked, "test")["zero_optimization"]["compute_grad_norm"] is False
+    assert merge_deepspeed_config(_ds(cfg), {}, "test")["zero_optimization"]["compute_grad_norm"] is False
 
 
 def test_discriminator_engine_config_has_its_own_dynamic_fp16_scaling_and_zero_2_at_most(tmp_path: Path) -> None:
@@ -174,7 +189,8 @@ def test_discriminator_engine_config_has_its_own_dynamic_fp16_scaling_and_zero_2
                                 "distributed": {"zero_stage": stage, "precision": "fp16", "deepspeed_config": str(user)}})
         plan = plan_batch(64, 2, 2)
         disc = build_discriminator_deepspeed_config(cfg.distributed, plan)
-        assert disc["zero_optimization"] == {"stage": min(stage, 2)}
+        assert disc["zero_optimization"]["stage"] == min(stage, 2)
+        assert "overlap_comm" not in disc["zero_optimization"]  # nothing of the user's JSON
         assert disc["fp16"]["enabled"] and not disc["bf16"]["enabled"]
         assert disc["fp16"]["loss_scale"] == 0 and disc["fp16"]["min_loss_scale"] >= 1  # dynamic, its own
         vae = build_deepspeed_config(cfg.distributed, plan)
@@ -390,6 +406,20 @@ def test_gradient_accumulation_matches_one_bigger_micro_batch() -> None:
     assert len(set(norms["1"])) == 3  # three different steps really happened
     # the per-rank flags rode the step's all-reduce: rank 0 saw rank 1's, in that step only
     assert norms["flags"] == [[False, False], [True, False], [False, False]] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_one_all_reduce_per_step_and_the_gate_still_skips_in_bf16(stage: int) -> None:
+    """2 ranks, bf16, ZeRO-1/2: ``Engine.step`` makes one all-reduce (the gate's; DeepSpeed's norm and
+    overflow check were two more), and a NaN loss on rank 1 still skips that step on both ranks."""
+    result = _run(torchrun("tests/unit/engine_collectives_worker.py", str(stage)), {})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["all_reduces"] == [1, 1, 1]
+    assert out["reasons"] == ["", "non-finite loss on 1 rank(s)", ""]
+    assert out["weights_equal"] == [False, True, False]  # the skipped step left the weights as they were
+    assert out["finite"]
 
 
 @pytest.mark.parametrize(
