@@ -243,7 +243,7 @@ def build_deepspeed_config(dist_cfg: DistributedConfig, plan: BatchPlan) -> dict
     norm (``compute_grad_norm``) and bf16 overflow check (``check_grad_overflow``) are
     off: each was an all-reduce per step that decided nothing (the default job's ranks
     spent ~3% of their time waiting in them; a bare DeepSpeed loop of its model runs
-    ~7% faster without them, ``benchmarks/train_throughput.py``). fp16 keeps DeepSpeed's
+    ~7% faster without them: README, "Trainer overhead"). fp16 keeps DeepSpeed's
     overflow check: its loss scaler needs it.
     """
     precision = dist_cfg.precision
