@@ -192,7 +192,7 @@ def main() -> int:
     print(f"configs/fashion_mnist.yaml{' ' + ' '.join(args.overrides) if args.overrides else ''} model, "
           f"{result['world_size']} ranks, ZeRO-{result['zero_stage']}, {result['precision']}, "
           f"global batch {result['global_batch']}; {args.repeats} trainer run(s) of {args.warmup + args.steps} steps, "
-          f"each between two bare loops of {args.steps} timed steps")
+          f"each between two runs of both bare loops, {args.steps} timed steps each")
     print("images/s; bare loops before / after each trainer run; ratios: trainer / the mean of the bare DDP loop "
           "(the goal's baseline) and of the bare DeepSpeed loop")
     print(f"{'run':>3} {'DDP':>13} {'DeepSpeed':>13} | {f'trainer 11-{args.warmup}':>16} {'/DDP':>6} {'/DS':>6} "
