@@ -66,7 +66,8 @@ def autoencoder_step(engine: Engine, disc: Engine | None, objective: Autoencoder
     kl_channels: torch.Tensor | None = None
     first_input: torch.Tensor | None = None
     zero = torch.zeros((), device=engine.device)
-    for _ in range(engine.plan.grad_accum_steps):
+    for micro in range(engine.plan.grad_accum_steps):
+        last = micro == engine.plan.grad_accum_steps - 1
         batch = next(batches)
         x = batch["image"].to(engine.device, engine.compute_dtype, non_blocking=True)
         first_input = x if first_input is None else first_input
@@ -82,19 +83,23 @@ def autoencoder_step(engine: Engine, disc: Engine | None, objective: Autoencoder
             if adversarial:
                 disc.module.requires_grad_(True)  # type: ignore[union-attr]
         finite &= torch.isfinite(terms.loss)
+        if last:
+            engine.arm(finite, flags)  # before the last backward, as in train_step
         engine.backward(terms.loss)
         d_loss, real, fake = zero, zero, zero
         if adversarial:
             assert disc is not None
             d_loss, real, fake = objective.discriminator_terms(disc.forward, x, out.x_params)
             d_finite &= torch.isfinite(d_loss)
+            if last:
+                disc.arm(d_finite)
             disc.backward(d_loss)
         values = [terms.loss, terms.nll, terms.pixel, terms.perceptual, terms.kl, terms.g_loss, terms.adaptive,
                   terms.logvar, d_loss.detach(), real, fake]
         sums += torch.stack([v.detach().float() for v in values]).double()
         means = out.kl_per_channel.detach().float().mean(0)
         kl_channels = means if kl_channels is None else kl_channels + means
-    decision = engine.step(step, finite, flags)
-    disc_decision = disc.step(step, d_finite) if adversarial else None  # type: ignore[union-attr]
+    decision = engine.step(step)
+    disc_decision = disc.step(step) if adversarial else None  # type: ignore[union-attr]
     assert kl_channels is not None and first_input is not None
     return AutoencoderStepResult(decision, disc_decision, engine.plan.grad_accum_steps, sums, kl_channels, first_input)

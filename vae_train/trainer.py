@@ -119,7 +119,7 @@ def train_step(engine: Engine, batches: Iterator[dict[str, Any]], step: int,
     sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
     kl_channels: torch.Tensor | None = None
     first_input: torch.Tensor | None = None
-    for _ in range(engine.plan.grad_accum_steps):
+    for micro in range(engine.plan.grad_accum_steps):
         batch = next(batches)
         x = batch["image"].to(engine.device, engine.compute_dtype, non_blocking=True)
         first_input = x if first_input is None else first_input
@@ -127,13 +127,15 @@ def train_step(engine: Engine, batches: Iterator[dict[str, Any]], step: int,
         out = engine.forward(x, check_range=check_range)
         terms = loss_fn(out)
         finite &= torch.isfinite(terms.loss)  # stays on the device: the step gate's all-reduce carries it
+        if micro == engine.plan.grad_accum_steps - 1:
+            engine.arm(finite, flags)  # the step's verdicts are known: their all-reduce may run during the backward
         # backward (DeepSpeed scales by the accumulation steps and reduces gradients)
         engine.backward(terms.loss)
         sums += torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]).double()
         means = out.kl_per_channel.detach().float().mean(0)
         kl_channels = means if kl_channels is None else kl_channels + means
     # step: every rank applies it, or every rank skips it
-    decision = engine.step(step, finite, flags)
+    decision = engine.step(step)
     assert kl_channels is not None and first_input is not None  # grad_accum_steps >= 1
     return StepResult(decision, engine.plan.grad_accum_steps, sums, kl_channels, first_input)
 

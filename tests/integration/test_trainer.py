@@ -124,13 +124,16 @@ def test_bf16_run_under_the_deepspeed_launcher(fashion_shards: Path, tmp_path: P
 def test_accelerate_launch_runs_two_deepspeed_ranks_and_skips_a_nan_step_together(
     fashion_shards: Path, tmp_path: Path
 ) -> None:
-    """`accelerate launch` with the CPU config; rank 1's loss is NaN in step 3 (0-based)."""
+    """`accelerate launch` with the CPU config; rank 1's loss is NaN in step 3 (0-based).
+
+    The CPU config leaves the ZeRO stage to the experiment config (tiny.yaml: ZeRO-0, fp32), so the
+    verdicts' all-reduce runs asynchronously during the backward and still settles the skip on both ranks."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu.yaml",
            *_train_args(fashion_shards, tmp_path, "train.max_steps=6", nan_at="1:3")]
     result = run(cmd, env=_env(), timeout_s=240)
     assert result.returncode == 0, result.stderr[-4000:]
     info = _info(tmp_path)
-    assert (info["launcher"], info["world_size"], info["zero_stage"]) == ("accelerate", 2, 2)
+    assert (info["launcher"], info["world_size"], info["zero_stage"]) == ("accelerate", 2, 0)
     for rank in (0, 1):
         skips = [line for line in result.stderr.splitlines() if f"[rank {rank}] WARNING step" in line]
         assert len(skips) == 1 and "step 3 skipped on every rank" in skips[0], result.stderr[-3000:]

@@ -302,8 +302,9 @@ def _optimizer_with_grads(grads: list[list[float]]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1.0)
 
 
-def test_gate_accepts_and_clips_with_the_unclipped_norm() -> None:
-    gate = StepGate(clip=1.0, skip_above=0.0, device=torch.device("cpu"), model_numel=3)
+@pytest.mark.parametrize("replicated", [False, True])
+def test_gate_accepts_and_clips_with_the_unclipped_norm(replicated: bool) -> None:
+    gate = StepGate(clip=1.0, skip_above=0.0, device=torch.device("cpu"), replicated=replicated)
     opt = _optimizer_with_grads([[3.0, 0.0], [4.0]])
     gate.arm(loss_is_finite=True)
     assert gate(opt) is True
@@ -321,17 +322,19 @@ def test_gate_accepts_and_clips_with_the_unclipped_norm() -> None:
         ([[30.0, 40.0]], True, 10.0, "gradient norm 50 > train.skip_grad_norm=10"),
     ],
 )
-def test_gate_skips(grads: list[list[float]], finite: bool, skip_above: float, reason: str) -> None:
-    gate = StepGate(clip=0.0, skip_above=skip_above, device=torch.device("cpu"), model_numel=99)
+@pytest.mark.parametrize("replicated", [False, True])
+def test_gate_skips(grads: list[list[float]], finite: bool, skip_above: float, reason: str, replicated: bool) -> None:
+    gate = StepGate(clip=0.0, skip_above=skip_above, device=torch.device("cpu"), replicated=replicated)
     opt = _optimizer_with_grads(grads)
     gate.arm(loss_is_finite=finite)
     assert gate(opt) is False
     assert gate.decision.reason == reason
 
 
-def test_gate_returns_its_flags_with_the_decision() -> None:
+@pytest.mark.parametrize("replicated", [False, True])
+def test_gate_returns_its_flags_with_the_decision(replicated: bool) -> None:
     """Without a process group the flags come back as they went in, on accepted and skipped steps alike."""
-    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), model_numel=99)
+    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), replicated=replicated)
     gate.arm(loss_is_finite=True, flags=(False, True))
     assert gate(_optimizer_with_grads([[1.0]])) is True and gate.decision.flags == (False, True)
     gate.arm(loss_is_finite=False, flags=(True, False))
@@ -342,7 +345,7 @@ def test_gate_returns_its_flags_with_the_decision() -> None:
 
 def test_gate_takes_the_loss_verdict_as_a_device_tensor() -> None:
     """The trainer leaves its finiteness verdict on the device; the gate's all-reduce carries it."""
-    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), model_numel=99)
+    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), replicated=False)
     gate.arm(torch.isfinite(torch.tensor(float("nan"))))
     assert gate(_optimizer_with_grads([[1.0]])) is False
     assert gate.decision.reason == "non-finite loss on 1 rank(s)"
@@ -350,12 +353,21 @@ def test_gate_takes_the_loss_verdict_as_a_device_tensor() -> None:
     assert gate(_optimizer_with_grads([[1.0]])) is True
 
 
+def test_gate_refuses_a_step_without_the_verdicts() -> None:
+    """A step nobody armed has no loss verdict to decide on: a clear error, not a silent accept."""
+    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), replicated=True)
+    with pytest.raises(RuntimeError, match="without StepGate.arm"):
+        gate(_optimizer_with_grads([[1.0]]))
+    gate.arm(loss_is_finite=True)
+    assert gate.armed and gate(_optimizer_with_grads([[1.0]])) is True and not gate.armed
+
+
 def test_gated_optimizer_does_not_move_on_a_skip() -> None:
     from vae_train.engine import build_optimizer
 
     param = torch.nn.Parameter(torch.ones(3))
     opt = build_optimizer([param], Config().optimizer)
-    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), model_numel=3)
+    gate = StepGate(clip=0.0, skip_above=0.0, device=torch.device("cpu"), replicated=False)
     opt.step_gate = gate
     param.grad = torch.full((3,), float("nan"))
     gate.arm(loss_is_finite=True)
@@ -409,29 +421,38 @@ def test_gradient_accumulation_matches_one_bigger_micro_batch() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_one_all_reduce_per_step_and_the_gate_still_skips_in_bf16(stage: int) -> None:
-    """2 ranks, bf16, ZeRO-1/2: ``Engine.step`` makes one all-reduce (the gate's; DeepSpeed's norm and
-    overflow check were two more), and a NaN loss on rank 1 still skips that step on both ranks."""
+    """2 ranks, bf16, stepped as the trainer steps. ZeRO-1/2: ``Engine.step`` makes one all-reduce (the
+    gate's norm and verdicts; DeepSpeed's norm and overflow check were two more). ZeRO-0: none at all in
+    the step (every rank holds the same reduced gradient); the verdicts' all-reduce is started by
+    ``Engine.arm``, before the backward. Either way a NaN loss on rank 1 skips that step on both ranks,
+    and rank 1's flag reaches rank 0 in that step only."""
     result = _run(torchrun("tests/unit/engine_collectives_worker.py", str(stage)), {})
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["all_reduces"] == [1, 1, 1]
-    assert out["reasons"] == ["", "non-finite loss on 1 rank(s)", ""]
+    assert out["arm_all_reduces"] == ([1, 1, 1] if stage == 0 else [0, 0, 0])
+    assert out["step_all_reduces"] == ([0, 0, 0] if stage == 0 else [1, 1, 1])
+    applied, skipped, applied_again = out["reasons"]
+    assert applied == "" and applied_again == ""
+    # ZeRO-0 bf16: DeepSpeed's own overflow check sees the NaN gradient first (on every rank alike)
+    assert skipped == ("non-finite gradients (DeepSpeed's overflow check)" if stage == 0
+                       else "non-finite loss on 1 rank(s)")
+    assert out["flags"] == [False, True, False]
     assert out["weights_equal"] == [False, True, False]  # the skipped step left the weights as they were
     assert out["finite"]
 
 
 @pytest.mark.parametrize(
     "name, stage, processes, machines",
-    [("accelerate_cpu.yaml", 2, 2, 1), ("accelerate_1gpu.yaml", 0, 1, 1), ("accelerate_zero2.yaml", 2, 8, 1),
+    [("accelerate_cpu.yaml", None, 2, 1), ("accelerate_1gpu.yaml", 0, 1, 1), ("accelerate_zero2.yaml", 2, 8, 1),
      ("accelerate_zero3.yaml", 3, 8, 1), ("accelerate_multinode.yaml", 2, 16, 2)],
 )
-def test_shipped_accelerate_configs_load(name: str, stage: int, processes: int, machines: int) -> None:
+def test_shipped_accelerate_configs_load(name: str, stage: int | None, processes: int, machines: int) -> None:
     """Each file is read by accelerate's own loader as a DeepSpeed launch (never use_cpu: it runs ONE process)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(ROOT / "launch" / name))
     assert cfg.distributed_type == "DEEPSPEED" and not cfg.use_cpu
-    assert cfg.deepspeed_config["zero_stage"] == stage
+    assert cfg.deepspeed_config.get("zero_stage") == stage  # None: the experiment config's distributed.zero_stage
     assert (cfg.num_processes, cfg.num_machines) == (processes, machines)
