@@ -7,7 +7,8 @@
 #       -v "$PWD/runs:/workspace/vae-train/runs" vae-train
 #
 # The default command trains configs/fashion_mnist.yaml on every GPU of the machine
-# with DeepSpeed ZeRO-2 (`accelerate launch train.py`); pass your own command to
+# (`accelerate launch train.py` with launch/accelerate_zero2.yaml; the config's own
+# distributed.zero_stage: 0 wins, with a warning); pass your own command to
 # change it (README: "Docker and Apptainer").
 #
 # The base image's torch must equal pyproject's `torch==` pin (tests/unit/test_docker.py
