@@ -38,8 +38,17 @@ def _generation(manifest: ck.Manifest) -> int:
 
 
 def _committed(store: S3Store) -> dict[int, ck.Manifest]:
+    """The committed checkpoints' manifests. While a job runs, its retention (``keep_last``) may delete a
+    checkpoint between the listing and the read of its manifest: that one is left out, as a later listing would."""
     _, steps = ck.list_remote(store)
-    return {s: ck.Manifest.from_json(store.get_bytes(f"{ck.step_name(s)}/{ck.MANIFEST}"), str(s)) for s in steps}
+    manifests = {}
+    for step in steps:
+        try:
+            raw = store.get_bytes(f"{ck.step_name(step)}/{ck.MANIFEST}")
+        except store.client.exceptions.NoSuchKey:
+            continue
+        manifests[step] = ck.Manifest.from_json(raw, str(step))
+    return manifests
 
 
 def _wait_for_commit(store: S3Store, step: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:

@@ -59,3 +59,4 @@ if __name__ == "__main__":
     out["finite"] = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
     if rank == 0:
         print(json.dumps(out))
+    dist.destroy_process_group()  # as engine_accum_worker.py: a clean teardown
