@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from vae_train.distributed import peer_group
 from vae_train.engine import Engine, StepDecision
 from vae_train.losses import AutoencoderObjective, LastLayerTap
 
@@ -46,11 +46,12 @@ class AutoencoderStepResult:
 
 def _reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks, on the device (no host sync)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    group = peer_group()
+    if group is None:
         return tensor
     tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor / dist.get_world_size()
+    group.all_reduce(tensor)
+    return tensor / group.get_world_size()
 
 
 def autoencoder_step(engine: Engine, disc: Engine | None, objective: AutoencoderObjective, tap: LastLayerTap | None,

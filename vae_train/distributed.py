@@ -204,8 +204,8 @@ def init_process_group(env: LaunchEnv, backend: str, device: torch.device, timeo
 # ------------------------------------------------------------------------ collectives
 
 
-def _group() -> Any:
-    """``torch.distributed`` when a group of more than one rank is up, else None."""
+def peer_group() -> Any:
+    """``torch.distributed`` when a group of more than one rank is up, else None (nothing to exchange)."""
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
@@ -213,13 +213,13 @@ def _group() -> Any:
 
 def rank() -> int:
     """This process's global rank (0 without a process group)."""
-    dist = _group()
+    dist = peer_group()
     return dist.get_rank() if dist is not None else 0
 
 
 def world_size() -> int:
     """The number of ranks (1 without a process group)."""
-    dist = _group()
+    dist = peer_group()
     return dist.get_world_size() if dist is not None else 1
 
 
@@ -227,14 +227,14 @@ def comm_device() -> torch.device:
     """Where collective tensors must live: this rank's GPU under NCCL, else the CPU."""
     import torch
 
-    dist = _group()
+    dist = peer_group()
     if dist is not None and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def barrier() -> None:
-    dist = _group()
+    dist = peer_group()
     if dist is not None:
         dist.barrier()
 
@@ -243,7 +243,7 @@ def all_gather_json(obj: Any) -> list[Any]:
     """Every rank's JSON-serialisable ``obj``, in rank order (JSON on the wire, not pickle)."""
     import torch
 
-    dist = _group()
+    dist = peer_group()
     if dist is None:
         return [obj]
     device = comm_device()
@@ -261,7 +261,7 @@ def all_gather_json(obj: Any) -> list[Any]:
 
 def broadcast_json(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank."""
-    return all_gather_json(obj if rank() == src else None)[src] if _group() else obj
+    return all_gather_json(obj if rank() == src else None)[src] if peer_group() else obj
 
 
 def any_rank(flag: bool) -> bool:
@@ -274,7 +274,7 @@ def any_ranks(flags: Sequence[bool]) -> tuple[bool, ...]:
     for an empty sequence; the flags themselves without a process group)."""
     import torch
 
-    dist = _group()
+    dist = peer_group()
     if dist is None or not flags:
         return tuple(bool(flag) for flag in flags)
     values = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32, device=comm_device())
@@ -284,7 +284,7 @@ def any_ranks(flags: Sequence[bool]) -> tuple[bool, ...]:
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of a float64 tensor, on the CPU (one all-reduce; the input itself without a group)."""
-    dist = _group()
+    dist = peer_group()
     if dist is None:
         return values
     reduced = values.to(comm_device(), copy=True)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from vae_train.config import Config, DistributedConfig, OptimizerConfig
-from vae_train.distributed import LaunchEnv, detect_launch_env, init_process_group
+from vae_train.distributed import LaunchEnv, detect_launch_env, init_process_group, peer_group
 from vae_train.errors import VaeTrainError
 from vae_train.schedules import build_lr_schedule
 
@@ -457,7 +457,8 @@ class StepGate:
         finite = torch.as_tensor(loss_is_finite, device=self.device)
         verdicts = torch.cat([torch.logical_not(finite).float().reshape(1),
                               torch.tensor([float(flag) for flag in flags], device=self.device)])
-        self._pending = dist.all_reduce(verdicts, async_op=True) if self.replicated and _distributed() else None
+        group = peer_group() if self.replicated else None
+        self._pending = group.all_reduce(verdicts, async_op=True) if group is not None else None
         self._verdicts = verdicts
         self.decision = None
 
@@ -475,20 +476,17 @@ class StepGate:
         verdicts, pending = self._take()
         if pending is not None:
             pending.wait()
-        if self.replicated or not _distributed():
+        group = None if self.replicated else peer_group()
+        if group is None:
             return local_sq, verdicts
         stats = torch.cat([local_sq.reshape(1), verdicts])
-        dist.all_reduce(stats)
+        group.all_reduce(stats)
         return stats[0], stats[1:]
 
     def settle(self) -> tuple[bool, ...]:
         """The flags of a step that DeepSpeed skipped before the gate ran, settled across ranks."""
-        verdicts, pending = self._take()
-        if pending is not None:
-            pending.wait()
-        elif _distributed():
-            dist.all_reduce(verdicts)
-        return tuple(count > 0 for count in verdicts[1:].tolist())
+        _, verdicts = self._reduce(torch.zeros((), device=self.device))
+        return _any_rank(verdicts[1:])
 
     def __call__(self, optimizer: torch.optim.Optimizer) -> bool:
         if self.decision is not None:
@@ -506,7 +504,7 @@ class StepGate:
         # host decision, and it needs the global norm and the non-finite count.
         norm = float(global_sq.sqrt())
         bad_losses = int(verdicts[0])
-        flags = tuple(count > 0 for count in verdicts[1:].tolist())
+        flags = _any_rank(verdicts[1:])
         if bad_losses > 0:
             self.decision = StepDecision(False, norm, f"non-finite loss on {bad_losses} rank(s)", flags)
         elif not math.isfinite(norm):
@@ -521,8 +519,9 @@ class StepGate:
         return self.decision.applied
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _any_rank(counts: torch.Tensor) -> tuple[bool, ...]:
+    """Per flag, whether any rank raised it (``counts``: the flags summed over ranks)."""
+    return tuple(count > 0 for count in counts.tolist())
 
 
 class _GatedStep:
