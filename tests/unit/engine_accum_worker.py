@@ -11,6 +11,7 @@ import torch
 
 from vae_train.config import config_from_dict
 from vae_train.engine import setup_engine
+from worker_exit import exit_after_teardown
 
 
 FLAGS: list[list[bool]] = []
@@ -43,5 +44,4 @@ if __name__ == "__main__":
     result["flags"] = FLAGS
     if torch.distributed.get_rank() == 0:
         print(json.dumps(result))
-    # A clean teardown: a gloo group left to the interpreter's exit once aborted rank 0 (std::terminate) in CI
-    torch.distributed.destroy_process_group()
+    exit_after_teardown()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from vae_train.config import config_from_dict
 from vae_train.engine import setup_engine
+from worker_exit import exit_after_teardown
 
 CALLS: list[str] = []
 
@@ -59,4 +60,4 @@ if __name__ == "__main__":
     out["finite"] = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
     if rank == 0:
         print(json.dumps(out))
-    dist.destroy_process_group()  # as engine_accum_worker.py: a clean teardown
+    exit_after_teardown()

@@ -15,7 +15,7 @@ from PIL import Image
 from tests.fixtures.trained_vae import read_fashion_mnist
 from vae_train.config import DataConfig, resolve_binarize
 from vae_train.data import DataError, build_train_stream, build_val_stream
-from vae_train.data.decode import DecodeSpec, SampleRejected, decode_sample
+from vae_train.data.decode import DecodeSpec, Prepared, SampleRejected, decode_sample, finish_batch, finish_sample
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -205,6 +205,49 @@ def test_resize_and_crop() -> None:
     assert any(np.allclose(x[0], big[t:t + 4, l:l + 4] / 255, atol=1e-7) for t in range(9) for l in range(5))
     with pytest.raises(SampleRejected):
         _decode(_png(np.zeros((3, 3), np.uint8)), random_crop=True)  # smaller: needs data.resize
+
+
+def _prepared(n: int, height: int, width: int) -> list[Prepared]:
+    pixels = np.random.default_rng(2).integers(0, 256, (n, height, width, 1), dtype=np.uint8)
+    return [Prepared(image, label) for label, image in enumerate(pixels)]
+
+
+@pytest.mark.parametrize("binarize, value_range, seeded", [
+    ("dynamic", (0.0, 1.0), True), ("fixed", (0.0, 1.0), True), ("fixed", (0.0, 1.0), False),
+    ("none", (-1.0, 1.0), True),
+])
+def test_a_batch_is_finished_as_its_samples_one_by_one(binarize: str, value_range, seeded: bool) -> None:
+    """Without random crops or flips, one batch call makes the very images (and leaves the generator in the
+    very state) that per-sample calls do: the training stream's batches did not change when it began to batch."""
+    prepared, keys = _prepared(7, 4, 4), [f"k{i}" for i in range(7)]
+    spec = DecodeSpec(image_size=4, channels=1, value_range=value_range, binarize=binarize)
+    batch_rng, sample_rng = (np.random.default_rng(5), np.random.default_rng(5)) if seeded else (None, None)
+    batch = finish_batch(prepared, keys, spec, batch_rng)
+    one_by_one = np.stack([finish_sample(p, k, spec, sample_rng)[0] for p, k in zip(prepared, keys)])
+    assert batch.dtype == np.float32 and batch.shape == (7, 1, 4, 4) and batch.flags.c_contiguous
+    np.testing.assert_array_equal(batch, one_by_one)
+    if seeded:
+        assert batch_rng.random() == sample_rng.random()
+    if binarize != "none":
+        assert set(np.unique(batch)) == {0.0, 1.0}
+    else:
+        np.testing.assert_allclose(batch[:, 0], np.stack([p.array[..., 0] for p in prepared]) / 255 * 2 - 1, atol=1e-6)
+
+
+def test_batch_crops_and_flips_come_from_each_sample() -> None:
+    prepared, keys = _prepared(16, 6, 7), [str(i) for i in range(16)]
+    spec = DecodeSpec(image_size=4, channels=1, value_range=(0.0, 1.0), random_crop=True, random_flip=True)
+    batch = finish_batch(prepared, keys, spec, np.random.default_rng(9))
+    np.testing.assert_array_equal(batch, finish_batch(prepared, keys, spec, np.random.default_rng(9)))
+    flips = 0
+    for image, p in zip(batch[:, 0], prepared):
+        source = p.array[..., 0] / 255
+        crops = [source[t:t + 4, l:l + 4] for t in range(3) for l in range(4)]
+        plain = any(np.allclose(image, c, atol=1e-7) for c in crops)
+        flips += not plain
+        assert plain or any(np.allclose(image, c[:, ::-1], atol=1e-7) for c in crops)
+    assert 0 < flips < 16
+    assert finish_batch(prepared, keys, spec, np.random.default_rng(10)).tobytes() != batch.tobytes()
 
 
 def test_pipe_and_http_sources(fashion_shards: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.launching import clean_env, run, torchrun
-from vae_train.config import Config, config_from_dict
+from vae_train.config import Config, OptimizerConfig, config_from_dict
 from vae_train.distributed import LaunchError, detect_launch_env
 from vae_train.engine import (
     EngineError,
@@ -360,6 +360,31 @@ def test_gate_refuses_a_step_without_the_verdicts() -> None:
         gate(_optimizer_with_grads([[1.0]]))
     gate.arm(loss_is_finite=True)
     assert gate.armed and gate(_optimizer_with_grads([[1.0]])) is True and not gate.armed
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_torch_optimizer_runs_fused_and_matches_a_float64_reference(name: str) -> None:
+    """The fused kernel is chosen on the CPU and makes the same updates as the per-tensor loop in float64."""
+    from vae_train.engine import build_optimizer
+
+    cfg = OptimizerConfig(name=name, lr=1e-2, weight_decay=0.1)
+    start = [torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), torch.randn(7)]
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    reference = [torch.nn.Parameter(t.double()) for t in start]
+    opt = build_optimizer(params, cfg)
+    ref_cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    ref = ref_cls(reference, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+    assert opt.defaults["fused"] is True
+    grads = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p, r in zip(params, reference):
+            g = torch.randn(p.shape, generator=grads)
+            p.grad, r.grad = g.clone(), g.double()
+        opt.step()
+        ref.step()
+    for p, r, s in zip(params, reference, start):
+        assert not torch.equal(p.detach(), s)
+        torch.testing.assert_close(p.detach().double(), r.detach(), rtol=0, atol=1e-6)
 
 
 def test_gated_optimizer_does_not_move_on_a_skip() -> None:

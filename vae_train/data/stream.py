@@ -106,8 +106,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vae_train.data import s3_opener
 from vae_train.data.classes import MAX_CONSECUTIVE_FILTERED, check_labels_occur, keeps, too_many_filtered
 from vae_train.data.buckets import nearest_bucket, resolve_buckets
-from vae_train.data.decode import (SAMPLE_KINDS, DecodeSpec, Prepared, SampleRejected, decode_sample, finish_sample,
-                                   image_dimensions, prepare_sample)
+from vae_train.data.decode import (SAMPLE_KINDS, DecodeSpec, Prepared, SampleRejected, decode_sample, finish_batch,
+                                   finish_sample, image_dimensions, prepare_sample)
 from vae_train.data.errors import DataError
 from vae_train.data.sources import Source, aspect_ratios, fingerprint, resolve_sources
 from vae_train.data.tario import RawSample, ShardReadError, iter_shard
@@ -352,7 +352,7 @@ class _ShardCursor:
             self.draw, self.pos = self.draw + 1, 0
 
 
-def _batch(images: list[np.ndarray], keys: list[str], labels: list[int], mask: list[bool] | None = None,
+def _batch(images: np.ndarray, keys: list[str], labels: list[int], mask: list[bool] | None = None,
            field: str = "image") -> dict[str, Any]:
     """A batch as numpy arrays; :func:`_tensors` makes them tensors where the batch is consumed.
 
@@ -362,7 +362,7 @@ def _batch(images: list[np.ndarray], keys: list[str], labels: list[int], mask: l
     while arrays are pickled by value through the worker's pipe (a copy of a few
     hundred KB). ``_loader`` passes items through as they are (no default conversion).
     """
-    batch: dict[str, Any] = {field: np.stack(images), "key": keys, "label": np.asarray(labels, dtype=np.int64)}
+    batch: dict[str, Any] = {field: images, "key": keys, "label": np.asarray(labels, dtype=np.int64)}
     if mask is not None:
         batch["mask"] = np.asarray(mask, dtype=bool)
     return batch
@@ -433,9 +433,9 @@ class _Reader:
                 f"the data does not {self._hint} — see data.resize / data.random_crop or re-run "
                 "`vae-train prepare`") from None
 
-    def decode(self, url: str, key: str, members: dict[str, bytes], spec: DecodeSpec,
-               rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
-        """(image, label) of one sample, or None when the decoder refused it (counted by :meth:`rejected`).
+    def prepare(self, url: str, key: str, members: dict[str, bytes], spec: DecodeSpec) -> Prepared | None:
+        """The deterministic decoding of one sample, or None when the decoder refused it (counted by
+        :meth:`rejected`); :func:`finish_batch` / :func:`finish_sample` do the random half.
 
         A sample read from a shard keeps its deterministic decoding (or rejection) in
         ``members`` (for :class:`_ShardCache`); one replayed from the cache reuses it.
@@ -452,7 +452,7 @@ class _Reader:
             self.rejected(url, key, prepared)
             return None
         self._rejected_in_row = 0
-        return finish_sample(prepared, key, spec, rng)
+        return prepared
 
     def snapshot(self) -> dict[str, Any]:
         """The position after the samples read so far (JSON-serializable)."""
@@ -473,15 +473,15 @@ def _train_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> Ite
     reader = _Reader(plan, worker, state or {}, "match the model (model.image_size, model.in_channels)", cache)
     samples = reader.samples()
     while True:
-        images, keys, labels = [], [], []
-        while len(images) < plan.batch_size:
+        prepared, keys = [], []
+        while len(prepared) < plan.batch_size:
             _, url, key, members = next(samples)
-            decoded = reader.decode(url, key, members, plan.spec, reader.rng)
-            if decoded is not None:
-                images.append(decoded[0])
+            sample = reader.prepare(url, key, members, plan.spec)
+            if sample is not None:
+                prepared.append(sample)
                 keys.append(key)
-                labels.append(decoded[1])
-        yield _batch(images, keys, labels, field=plan.spec.field), worker, reader.snapshot()
+        images = finish_batch(prepared, keys, plan.spec, reader.rng)
+        yield _batch(images, keys, [p.label for p in prepared], field=plan.spec.field), worker, reader.snapshot()
 
 
 def _sample_rng(plan: _Plan, worker: int, source: int, draw: int, pos: int) -> np.random.Generator:
@@ -558,13 +558,14 @@ def _bucketed_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> 
         images, keys, labels, used, dropped = [], [], [], [], []
         for i in waiting:
             ref, (src_url, (src_key, src_members)) = refs[i], raws[i]
-            decoded = reader.decode(src_url, src_key, src_members, specs[bucket], _sample_rng(plan, worker, *ref[1:4]))
-            if decoded is None:
+            prepared = reader.prepare(src_url, src_key, src_members, specs[bucket])
+            if prepared is None:
                 dropped.append(i)
                 continue
-            images.append(decoded[0])
+            image, label = finish_sample(prepared, src_key, specs[bucket], _sample_rng(plan, worker, *ref[1:4]))
+            images.append(image)
             keys.append(src_key)
-            labels.append(decoded[1])
+            labels.append(label)
             used.append(i)
         done = set(dropped) | (set(used) if len(images) == plan.batch_size else set())
         refs = [ref for i, ref in enumerate(refs) if i not in done]
@@ -572,7 +573,7 @@ def _bucketed_worker(plan: _Plan, worker: int, state: dict[str, Any] | None) -> 
         if len(images) < plan.batch_size:
             continue  # a rejected sample left the bucket short: it fills up again
         snapshot = {**reader.snapshot(), "pending": [list(ref) for ref in refs]}
-        yield _batch(images, keys, labels, field=plan.spec.field), worker, snapshot
+        yield _batch(np.stack(images), keys, labels, field=plan.spec.field), worker, snapshot
 
 
 class _WorkerDataset(IterableDataset):
@@ -906,7 +907,7 @@ def _val_worker(plan: _Plan, worker: int, _state: None, layout: _ValLayout) -> I
             except SampleRejected as rej:
                 skips.skip(url, rej.reason, f"validation sample {key!r} of shard {url}: {rej}; it is masked out")
             pending = next(samples, None)
-        yield _batch(images, keys, labels, mask, plan.spec.field), worker, {"skipped": dict(skips.counts), "filtered": filtered}
+        yield _batch(np.stack(images), keys, labels, mask, plan.spec.field), worker, {"skipped": dict(skips.counts), "filtered": filtered}
 
 
 class ValStream:
