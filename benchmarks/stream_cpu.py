@@ -10,7 +10,8 @@ binarization, the default config's stream settings):
 * tar reading: webdataset's ``tar_file_iterator`` + ``group_by_keys`` (what
   ``iter_shard`` used before) against ``iter_shard``'s own header parser;
 * decoding: ``prepare_sample`` (PNG decode, mode, size) and ``finish_sample``
-  (crop, flip, scale, binarize), the two halves of ``decode_sample``;
+  (crop, flip, scale, binarize), the two halves of ``decode_sample``; the second one
+  sample at a time against ``finish_batch`` over batches of 64 (what the stream does);
 * the whole worker loop in one process, with ``data.cache_mb`` off and on (second
   pass over the same shard: what a shard drawn again costs);
 * the real stream (one DataLoader worker, micro-batch 64): CPU of the worker process
@@ -59,7 +60,7 @@ def stage_rows(data: str) -> list[tuple[str, float, float]]:
 
     from vae_train.config import load_config
     from vae_train.data import stream as S
-    from vae_train.data.decode import finish_sample, prepare_sample
+    from vae_train.data.decode import finish_batch, finish_sample, prepare_sample
     from vae_train.data.tario import iter_shard
 
     cfg = load_config(CONFIG, [f"data.train={data}", "data.val="])
@@ -70,12 +71,15 @@ def stage_rows(data: str) -> list[tuple[str, float, float]]:
     spec = S.decode_spec(cfg.data, 28, 1, (0.0, 1.0), train=True)
     rng = np.random.default_rng(0)
     prepared = [prepare_sample(k, m, spec) for k, m in raws]
+    keys = [k for k, _ in raws]
     rows = [
         ("tar reading", _cpu_us(lambda: _webdataset_read(url), n), _cpu_us(lambda: list(iter_shard(url)), n)),
         ("decode: prepare (PNG, mode, size)", _cpu_us(lambda: [prepare_sample(k, m, spec) for k, m in raws], n),
          float("nan")),
         ("decode: finish (scale, binarize)", _cpu_us(lambda: [finish_sample(p, k, spec, rng)
-                                                              for p, (k, _) in zip(prepared, raws)], n), float("nan")),
+                                                              for p, (k, _) in zip(prepared, raws)], n),
+         _cpu_us(lambda: [finish_batch(prepared[i:i + BATCH], keys[i:i + BATCH], spec, rng)
+                          for i in range(0, n, BATCH)], n)),
     ]
     stats = {}
     for cache_mb in (0.0, 1024.0):
@@ -128,7 +132,8 @@ def main() -> int:
         data = fashion_mnist_subset(args.data, tmp)
         rows = stage_rows(data)
         off, on = stream_cpu(data, 0.0, args.batches), stream_cpu(data, 1024.0, args.batches)
-    print(f"CPU us/image (load {os.getloadavg()[0]:.1f}); 'before' = webdataset tar reading / data.cache_mb=0")
+    print(f"CPU us/image (load {os.getloadavg()[0]:.1f}); 'before' = webdataset tar reading / one sample at a time / "
+          "data.cache_mb=0")
     print(f"{'stage':<40} {'before':>8} {'after':>8} {'ratio':>6}")
     for name, old, new in rows:
         after = f"{new:8.1f}" if new == new else f"{'':>8}"
