@@ -8,7 +8,7 @@ finalizes. Its tensor then needs the GIL, the finalizing interpreter ends the th
 and the unwind through C++ calls ``std::terminate`` (a core of an aborted rank showed
 exactly that: ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork`` ->
 ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``; PyTorch issue 190489). About
-one run in 25 of these short workers aborted so, after their results were printed.
+one run in 30 of these short workers aborted so (5 of ~140), after their results were printed.
 """
 
 import os
