@@ -1,8 +1,9 @@
 """How the torchrun workers of the unit tests end: tear the process group down, then leave without the
 interpreter's finalization.
 
-Why not a plain exit: DeepSpeed keeps references to the gloo process groups, so
-``destroy_process_group()`` does not join gloo's worker threads, and one of them may
+Why not a plain exit: the DeepSpeed engine (alive until the interpreter ends) holds the
+gloo process groups, so ``destroy_process_group()`` does not join gloo's worker threads
+(the core below still had them running), and one of them may
 still be dropping the last reference to a finished collective while the interpreter
 finalizes. Its tensor then needs the GIL, the finalizing interpreter ends the thread,
 and the unwind through C++ calls ``std::terminate`` (a core of an aborted rank showed
