@@ -554,7 +554,8 @@ def build_optimizer(params: list[torch.nn.Parameter], opt: OptimizerConfig) -> t
     The torch optimizer runs its fused kernel (``fused=True``, the same update as the
     per-tensor loop up to rounding) when every parameter is on a device of
     :data:`TORCH_FUSED_DEVICES`; torch's default otherwise. DeepSpeed may later hand it
-    other tensors (fp32 master copies, flat ZeRO partitions): they stay on the same device.
+    other tensors (fp32 master copies, flat ZeRO partitions): on the same device, or on the
+    CPU when the optimizer is offloaded; the fused kernel runs on both.
     """
     kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.deepspeed_fused:
