@@ -109,3 +109,18 @@ def test_retry_backoff_then_success_and_user_errors_not_retried():
     with pytest.raises(StorageError):
         retry(user_error, what="op", attempts=5, base_s=0.01)
     assert len(calls) == 1
+
+
+def test_the_test_server_has_a_volume_for_every_bucket_the_suite_makes(s3_server):
+    """Each bucket takes a SeaweedFS volume of its own; by default ``weed mini`` allows only
+    (free disk / 1 GiB) of them, and once they are gone every write to a new bucket is an HTTP 500.
+    The fixture fixes the capacity, so the suite's ~80 buckets fit on any machine's disk."""
+    import json
+    import urllib.request
+
+    from tests.fixtures.s3 import MAX_VOLUMES
+
+    with urllib.request.urlopen(f"{s3_server.master_url}/dir/status", timeout=10) as response:
+        topology = json.load(response)["Topology"]
+    assert topology["Max"] == MAX_VOLUMES
+    assert topology["Free"] >= MAX_VOLUMES // 2
